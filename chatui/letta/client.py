@@ -1,0 +1,534 @@
+"""The one place chatui talks HTTP to Letta.
+
+Every call goes through LettaClient; every failure comes out as a LettaError
+subclass; streams come out as parsed events (chatui.letta.schemas), so nothing
+above this module knows how SSE is framed. The API key travels only in the
+Authorization header: it is never logged and never part of an exception's text.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import json
+import logging
+import ssl
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+from httpx_sse import EventSource
+
+from chatui.letta.schemas import (
+    Agent,
+    ErrorMessage,
+    Group,
+    InvalidEvent,
+    LettaMessage,
+    LettaRequest,
+    LettaResponse,
+    LLMConfig,
+    Run,
+    StreamRequest,
+    parse_event,
+    parse_message,
+    validate_agent_id,
+    validate_group_id,
+    validate_run_id,
+)
+
+logger = logging.getLogger(__name__)
+
+# Paging: how many items a page asks for, and how many pages before giving up on
+# a server that never says it is done.
+PAGE_SIZE = 100
+MAX_PAGES = 50
+MAX_HISTORY_PAGES = 1000
+# A group send answers only after every agent of the group has spoken.
+GROUP_SEND_TIMEOUT = 600.0
+
+
+class LettaError(Exception):
+    """Letta could not be reached or answered something chatui cannot use."""
+
+    def __init__(self, detail: str, *, status: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.status = status
+
+    def __str__(self) -> str:
+        return f"HTTP {self.status}: {self.detail}" if self.status else self.detail
+
+
+class LettaHTTPError(LettaError):
+    """Letta answered with a 4xx or 5xx status."""
+
+    def __init__(self, detail: str, *, status: int, retry_after: float | None = None) -> None:
+        super().__init__(detail, status=status)
+        self.retry_after = retry_after
+
+
+class LettaTimeout(LettaError):
+    """Letta did not connect or went silent for longer than the timeout."""
+
+
+class LettaConnectionError(LettaError):
+    """The connection was refused, reset or dropped, or the name did not resolve."""
+
+
+class LettaProtocolError(LettaError):
+    """Letta sent something that is not what its protocol promises."""
+
+
+def _render_detail(body: bytes) -> str:
+    """A readable one-line explanation from an error body (FastAPI's `detail`)."""
+    text = body.decode("utf-8", errors="replace").strip()
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text[:500] or "(empty body)"
+    detail = data.get("detail", data) if isinstance(data, dict) else data
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):
+        # A 422: one entry per problem, each with a location and a message.
+        problems = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(part) for part in item.get("loc", []) if part != "body")
+                msg = item.get("msg", "invalid")
+                problems.append(f"{loc}: {msg}" if loc else str(msg))
+            else:
+                problems.append(str(item))
+        return "; ".join(problems)
+    return json.dumps(detail)[:500]
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class LettaStream:
+    """One streamed answer from Letta: an async context manager and an async
+    iterator of parsed events, in the order the server sent them.
+
+    `done` is True once the server sent `[DONE]`; a stream that ended without it
+    (what a cancelled run looks like) leaves it False. `run_id` is the first run
+    id seen, `last_seq_id` the highest seq_id seen (only background runs have them).
+    """
+
+    def __init__(self, client: LettaClient, path: str, body: dict[str, Any]) -> None:
+        self._client = client
+        self._path = path
+        self._body = body
+        self._response: httpx.Response | None = None
+        self._events: AsyncGenerator[LettaMessage, None] | None = None
+        self._closed = False
+        self.done = False
+        self.run_id: str | None = None
+        self.last_seq_id: int | None = None
+
+    async def __aenter__(self) -> LettaStream:
+        await self._open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> LettaStream:
+        return self
+
+    async def __anext__(self) -> LettaMessage:
+        if self._events is None:
+            if self._closed:
+                raise StopAsyncIteration
+            await self._open()
+        assert self._events is not None
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop reading and close the HTTP response at once."""
+        self._closed = True
+        if self._events is not None:
+            await self._events.aclose()
+        if self._response is not None:
+            await self._response.aclose()
+
+    async def _open(self) -> None:
+        if self._response is not None:
+            return
+        response = await self._client._send(
+            "POST", self._path, json=self._body, stream=True, accept="text/event-stream"
+        )
+        content_type = response.headers.get("content-type", "")
+        if "text/event-stream" not in content_type:
+            body = await self._client._read_then_close(response)
+            raise LettaProtocolError(
+                self._client._redact(
+                    f"expected an event stream from {self._path}, got {content_type or 'no'} "
+                    f"content type: {body[:200].decode(errors='replace')!r}"
+                )
+            )
+        self._response = response
+        self._events = self._iterate(response)
+
+    async def _iterate(self, response: httpx.Response) -> AsyncGenerator[LettaMessage, None]:
+        try:
+            async for sse in EventSource(response).aiter_sse():
+                name = "" if sse.event == "message" else sse.event  # httpx-sse's default
+                data = sse.data.strip()
+                if not data:
+                    continue
+                if data == "[DONE]":
+                    self.done = True
+                    return
+                event = self._event(name, data)
+                if self.run_id is None and event.run_id:
+                    self.run_id = event.run_id
+                if event.seq_id is not None and (
+                    self.last_seq_id is None or event.seq_id > self.last_seq_id
+                ):
+                    self.last_seq_id = event.seq_id
+                yield event
+        except httpx.TimeoutException as exc:
+            raise LettaTimeout(
+                f"Letta sent nothing for {self._client.read_timeout:g} s on {self._path}"
+            ) from exc
+        except httpx.DecodingError as exc:
+            raise LettaProtocolError(f"undecodable stream from {self._path}: {exc}") from exc
+        except httpx.TransportError as exc:
+            raise LettaConnectionError(
+                f"connection to Letta lost during {self._path}: {type(exc).__name__}"
+            ) from exc
+        finally:
+            await response.aclose()
+
+    def _event(self, name: str, data: str) -> LettaMessage:
+        if name == "error":
+            return self._error_event(data)
+        try:
+            return parse_event(data)
+        except InvalidEvent as exc:
+            raise LettaProtocolError(self._client._redact(f"{self._path}: {exc}")) from None
+
+    def _error_event(self, data: str) -> ErrorMessage:
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict):
+            # Still an error the user must see, even if the server could not say it in JSON.
+            return ErrorMessage(error_type="stream_error", message=data[:1000])
+        obj.setdefault("message_type", "error_message")
+        event = parse_message(obj)
+        if isinstance(event, ErrorMessage):
+            return event
+        return ErrorMessage(error_type="stream_error", message=data[:1000])
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """One TLS context for every client of the process: making one reads the CA bundle,
+    some 40 ms of CPU that would otherwise stall the event loop at every turn's start."""
+    return httpx.create_ssl_context()
+
+
+class LettaClient:
+    """Async client for one Letta server; use it as `async with LettaClient(...)`."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str = "",
+        *,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 120.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._api_key = api_key
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=headers,
+            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
+            transport=transport,
+            verify=tls_context(),
+        )
+
+    @classmethod
+    def from_settings(cls, **kwargs: Any) -> LettaClient:
+        """A client configured from Django settings (LETTA_BASE_URL and friends)."""
+        from django.conf import settings
+
+        return cls(
+            settings.LETTA_BASE_URL,
+            settings.LETTA_API_KEY,
+            connect_timeout=settings.LETTA_CONNECT_TIMEOUT,
+            read_timeout=settings.LETTA_READ_TIMEOUT,
+            **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return f"<LettaClient {self.base_url}>"
+
+    async def __aenter__(self) -> LettaClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # --- streams ---------------------------------------------------------------
+
+    def stream_agent_message(self, agent_id: str, request: StreamRequest) -> LettaStream:
+        """Send to an agent and stream its answer (POST /v1/agents/{id}/messages/stream)."""
+        validate_agent_id(agent_id)
+        return LettaStream(self, f"/v1/agents/{agent_id}/messages/stream", request.body())
+
+    def resume_run(self, run_id: str, starting_after: int | None = None) -> LettaStream:
+        """Re-attach to a background run's stream after seq_id `starting_after`."""
+        validate_run_id(run_id)
+        body = {} if starting_after is None else {"starting_after": starting_after}
+        # POST: real Letta answers GET on this route with 405.
+        return LettaStream(self, f"/v1/runs/{run_id}/stream", body)
+
+    def stream_group_message(self, group_id: str, request: StreamRequest) -> LettaStream:
+        """Send to a group and stream every member's answer."""
+        validate_group_id(group_id)
+        return LettaStream(self, f"/v1/groups/{group_id}/messages/stream", request.body())
+
+    # --- JSON calls ------------------------------------------------------------
+
+    async def list_agents(self) -> list[Agent]:
+        """Every agent on the server, following `after` cursors page by page."""
+        return [Agent.model_validate(item) for item in await self._list_paged("/v1/agents/")]
+
+    async def get_agent(self, agent_id: str) -> Agent:
+        validate_agent_id(agent_id)
+        return Agent.model_validate(await self._json("GET", f"/v1/agents/{agent_id}"))
+
+    async def list_groups(self) -> list[Group]:
+        return [Group.model_validate(item) for item in await self._list_paged("/v1/groups/")]
+
+    async def get_group(self, group_id: str) -> Group:
+        validate_group_id(group_id)
+        return Group.model_validate(await self._json("GET", f"/v1/groups/{group_id}"))
+
+    async def list_models(self) -> list[LLMConfig]:
+        """The models the server offers; [] from a server without that route."""
+        try:
+            data = await self._json("GET", "/v1/models/")
+        except LettaHTTPError as exc:
+            if exc.status == 404:
+                return []
+            raise
+        return [LLMConfig.model_validate(item) for item in self._expect_list(data, "/v1/models/")]
+
+    async def send_group_message(self, group_id: str, request: LettaRequest) -> LettaResponse:
+        """Send to a group and wait for the whole round (POST /v1/groups/{id}/messages)."""
+        validate_group_id(group_id)
+        data = await self._json(
+            "POST",
+            f"/v1/groups/{group_id}/messages",
+            json=request.body(),
+            timeout=httpx.Timeout(
+                max(GROUP_SEND_TIMEOUT, self.read_timeout), connect=self.connect_timeout
+            ),
+        )
+        return LettaResponse.model_validate(data)
+
+    async def cancel_runs(self, agent_id: str, run_ids: list[str] | None = None) -> dict[str, Any]:
+        """Cancel an agent's active runs (all of them, or just run_ids).
+
+        Letta answers {run_id: "cancelled", ...}.
+        """
+        validate_agent_id(agent_id)
+        body = {"run_ids": [validate_run_id(run_id) for run_id in run_ids]} if run_ids else None
+        data = await self._json("POST", f"/v1/agents/{agent_id}/messages/cancel", json=body)
+        if not isinstance(data, dict):
+            raise LettaProtocolError(f"cancel answered {type(data).__name__}, not an object")
+        return data
+
+    async def list_agent_messages(
+        self,
+        agent_id: str,
+        *,
+        before: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        order: Literal["asc", "desc"] = "asc",
+    ) -> list[LettaMessage]:
+        """One page of an agent's history, parsed like streamed events."""
+        validate_agent_id(agent_id)
+        params: dict[str, Any] = {"limit": limit, "order": order}
+        if before:
+            params["before"] = before
+        if after:
+            params["after"] = after
+        path = f"/v1/agents/{agent_id}/messages"
+        data = await self._json("GET", path, params=params)
+        return [parse_message(item) for item in self._expect_list(data, path)]
+
+    async def iter_agent_messages(
+        self, agent_id: str, *, page_size: int = PAGE_SIZE
+    ) -> AsyncIterator[LettaMessage]:
+        """Every message of an agent's history, oldest first, page after page."""
+        cursor: str | None = None
+        seen: set[tuple[str | None, str | None]] = set()
+        for _ in range(MAX_HISTORY_PAGES):
+            page = await self.list_agent_messages(
+                agent_id, after=cursor, limit=page_size, order="asc"
+            )
+            # One stored message can come back as several (reasoning + answer share an
+            # id), so a page is only known to be the last when it comes back short.
+            fresh = [m for m in page if (m.message_type, m.id) not in seen]
+            for message in fresh:
+                seen.add((message.message_type, message.id))
+                yield message
+            if len(page) < page_size or not fresh or page[-1].id is None:
+                return
+            cursor = page[-1].id
+        logger.warning(
+            "stopped paging the history of %s after %d pages", agent_id, MAX_HISTORY_PAGES
+        )
+
+    async def get_run(self, run_id: str) -> Run:
+        validate_run_id(run_id)
+        return Run.model_validate(await self._json("GET", f"/v1/runs/{run_id}"))
+
+    async def list_runs(self, agent_id: str | None = None, active: bool | None = None) -> list[Run]:
+        params: dict[str, Any] = {}
+        if agent_id is not None:
+            validate_agent_id(agent_id)
+            # Newer Letta filters on agent_id, 0.11.7 on agent_ids; each ignores the other.
+            params["agent_id"] = agent_id
+            params["agent_ids"] = agent_id
+        if active is not None:
+            params["active"] = "true" if active else "false"
+        data = await self._json("GET", "/v1/runs/", params=params)
+        return [Run.model_validate(item) for item in self._expect_list(data, "/v1/runs/")]
+
+    # --- plumbing --------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        # A server may echo request headers back in an error body.
+        return text.replace(self._api_key, "[api key]") if self._api_key else text
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        stream: bool = False,
+        accept: str = "application/json",
+        timeout: httpx.Timeout | None = None,
+    ) -> httpx.Response:
+        """Send a request; raise the matching LettaError for transport and HTTP failures."""
+        logger.debug("Letta %s %s", method, path)
+        request = self._http.build_request(
+            method,
+            path,
+            json=json,
+            params=params,
+            headers={"Accept": accept},
+            timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+        )
+        try:
+            response = await self._http.send(request, stream=stream)
+        except httpx.ConnectTimeout as exc:
+            raise LettaTimeout(
+                f"could not connect to Letta at {self.base_url} within {self.connect_timeout:g} s"
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise LettaTimeout(f"Letta did not answer {method} {path} in time") from exc
+        except httpx.TransportError as exc:
+            raise LettaConnectionError(
+                self._redact(f"cannot reach Letta at {self.base_url} ({type(exc).__name__}: {exc})")
+            ) from exc
+        if response.status_code >= 400:
+            body = await self._read_then_close(response)
+            detail = _render_detail(body)
+            raise LettaHTTPError(
+                self._redact(detail),
+                status=response.status_code,
+                retry_after=_retry_after(response.headers.get("retry-after")),
+            )
+        return response
+
+    async def _read_then_close(self, response: httpx.Response) -> bytes:
+        try:
+            return await response.aread()
+        except httpx.HTTPError:
+            return b""
+        finally:
+            await response.aclose()
+
+    async def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = await self._send(method, path, stream=True, **kwargs)
+        try:
+            body = await response.aread()
+        except httpx.TimeoutException as exc:
+            raise LettaTimeout(f"Letta did not finish answering {method} {path}") from exc
+        except httpx.TransportError as exc:
+            raise LettaConnectionError(
+                f"connection to Letta lost during {method} {path}: {type(exc).__name__}"
+            ) from exc
+        finally:
+            await response.aclose()
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise LettaProtocolError(
+                self._redact(f"{method} {path} answered non-JSON: {body[:200]!r}")
+            ) from None
+
+    def _expect_list(self, data: Any, path: str) -> list[Any]:
+        if not isinstance(data, list):
+            raise LettaProtocolError(f"{path} answered {type(data).__name__}, not a list")
+        return data
+
+    async def _list_paged(self, path: str) -> list[dict[str, Any]]:
+        """All items of a cursor-paged list route (`after` = id of the last item)."""
+        items: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        params: dict[str, Any] = {"limit": PAGE_SIZE}
+        for _ in range(MAX_PAGES):
+            page = self._expect_list(await self._json("GET", path, params=params), path)
+            fresh = [item for item in page if isinstance(item, dict) and item.get("id") not in seen]
+            items.extend(fresh)
+            seen.update(item.get("id") for item in fresh)
+            # A server that ignores `after` would send the same page forever.
+            if len(page) < PAGE_SIZE or not fresh:
+                return items
+            params = {"limit": PAGE_SIZE, "after": fresh[-1]["id"]}
+        logger.warning("stopped listing %s after %d pages (%d items)", path, MAX_PAGES, len(items))
+        return items
