@@ -1,0 +1,362 @@
+"""The websocket a browser holds open on one conversation.
+
+The consumer owns the socket, not the turn: it parses the browser's frames, starts,
+stops and retries turns, and forwards the conversation's frames: those of this process
+handed over directly (chatui.layers.watchers), those of other processes through the
+channel layer. Close codes: 4401 not logged in, 4403 not your conversation (or no such
+one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+from pydantic import ValidationError
+
+from chatui import layers, turns, workers
+from chatui.frames import DecideFrame, RetryFrame, SendFrame, StopFrame, SyncFrame, parse_frame
+from chatui.models import (
+    AlreadyDecided,
+    ApprovalPending,
+    ApprovalRequest,
+    AttachmentMissing,
+    Conversation,
+    DecisionNotAllowed,
+    Message,
+    SendRateExceeded,
+    Turn,
+    TurnActive,
+)
+
+log = logging.getLogger(__name__)
+
+CLOSE_NOT_LOGGED_IN = 4401
+CLOSE_FORBIDDEN = 4403
+
+
+def readable(error: ValidationError) -> str:
+    """The first validation problem, in words a person can act on."""
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{where}: {message}" if where else message
+
+
+class ConversationConsumer(AsyncWebsocketConsumer):
+    conversation: Conversation
+    snapshot_timeout: asyncio.TimerHandle | None = None
+    # Live frames that arrive while a sync is being answered wait here, so the page
+    # sees them after what it asked for, as it would through the channel layer.
+    held: list[str] | None = None
+    # The newest stored message the page has been sent during its latest sync.
+    synced_after = 0
+
+    async def connect(self) -> None:
+        """Accept only the conversation's owner; others get a close code that says why."""
+        user = self.scope["user"]
+        await self.accept()
+        if not user.is_authenticated:
+            await self.close(code=CLOSE_NOT_LOGGED_IN)
+            return
+        conversation_id = self.scope["url_route"]["kwargs"]["conversation_id"]
+        conversation = await database_sync_to_async(
+            Conversation.objects.filter(pk=conversation_id, owner=user).first
+        )()
+        if conversation is None:
+            await self.close(code=CLOSE_FORBIDDEN)
+            return
+        self.conversation = conversation
+        # Frames of other processes come through the layer; this process's come directly.
+        await self.channel_layer.group_add(conversation.group_name, self.channel_name)
+        layers.watchers.add(conversation.group_name, self)
+
+    async def disconnect(self, code: int) -> None:
+        if self.snapshot_timeout is not None:
+            self.snapshot_timeout.cancel()
+        if hasattr(self, "conversation"):
+            layers.watchers.discard(self.conversation.group_name, self)
+            await self.channel_layer.group_discard(self.conversation.group_name, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """Parse one frame from the browser and act on it."""
+        if not hasattr(self, "conversation"):
+            return
+        if text_data is None:
+            await self.send_error("bad_frame", "Binary frames are not accepted; send JSON text.")
+            return
+        if len(text_data.encode()) > settings.MAX_FRAME_BYTES:
+            await self.send_error(
+                "too_large", f"That frame is larger than {settings.MAX_FRAME_BYTES:,} bytes."
+            )
+            return
+        try:
+            frame = parse_frame(text_data)
+        except ValidationError as error:
+            code = (
+                "unknown_type" if error.errors()[0]["type"] == "union_tag_invalid" else "bad_frame"
+            )
+            await self.send_error(code, readable(error))
+            return
+        if isinstance(frame, SendFrame):
+            await self.send_message(frame)
+        elif isinstance(frame, StopFrame):
+            await self.stop()
+        elif isinstance(frame, RetryFrame):
+            await self.retry(frame)
+        elif isinstance(frame, DecideFrame):
+            await self.decide(frame)
+        elif isinstance(frame, SyncFrame):
+            await self.sync(frame)
+
+    # -- actions ------------------------------------------------------------------------
+
+    async def send_message(self, frame: SendFrame) -> None:
+        """Save the user's message, tell every watcher, then start the turn."""
+        try:
+            turn, created = await database_sync_to_async(self.start_turn)(frame)
+        except TurnActive:
+            await self.send_error(
+                "turn_active", "A reply is still in progress. Wait for it, or press Stop."
+            )
+            return
+        except AttachmentMissing as missing:
+            await self.send_error("attachment_missing", str(missing))
+            return
+        except SendRateExceeded as limited:
+            await self.send_error("rate_limited", str(limited))
+            return
+        except ApprovalPending as pending:
+            await self.send_json(
+                {
+                    "type": "error",
+                    "code": "approval_pending",
+                    "message": str(pending),
+                    "approvals": [request.pk for request in pending.requests],
+                }
+            )
+            return
+        if not created:
+            await self.send_json({"type": "turn", "turn": turn.as_frame()})
+            return
+        await self.broadcast({"type": "message", "message": self.user_message_frame})
+        await self.broadcast({"type": "turn", "turn": turn.as_frame()})
+        await turns.start_turn(turn, self.conversation, self.run)
+
+    def start_turn(self, frame: SendFrame) -> tuple[Turn, bool]:
+        existing = self.conversation.turns.filter(otid=frame.otid).first() if frame.otid else None
+        if existing is None:
+            self.conversation.check_send_rate()
+        turn, created = self.conversation.start_turn(frame.text, frame.otid, frame.attachments)
+        self.user_message_frame = turn.user_message.as_frame()
+        self.run = turns.TurnRun(turn, self.conversation) if created else None
+        if self.run is not None:
+            # The runner's first trip to the database thread, taken on this one: with
+            # many sends at once, every trip saved starts every stream sooner.
+            self.run.begin_early()
+        return turn, created
+
+    async def stop(self) -> None:
+        active = await database_sync_to_async(self.conversation.active_turn)()
+        if active is None:
+            await self.send_error("not_running", "Nothing is running to stop.")
+            return
+        await turns.stop_turn(self.conversation.pk)
+
+    async def retry(self, frame: RetryFrame) -> None:
+        """Run a failed or stopped turn again, with the same otid."""
+        turn = await database_sync_to_async(self.restart_turn)(frame.turn)
+        if turn is None:
+            await self.send_error(
+                "not_retryable", "Only the latest failed or stopped reply can be retried."
+            )
+            return
+        await self.broadcast({"type": "turn", "turn": turn.as_frame()})
+        await turns.start_turn(turn, self.conversation)
+
+    def restart_turn(self, turn_id: int) -> Turn | None:
+        latest = self.conversation.turns.order_by("-pk").first()
+        if latest is None or latest.pk != turn_id or not latest.restart():
+            return None
+        return latest
+
+    async def decide(self, frame: DecideFrame) -> None:
+        """Approve, deny or answer a pending tool call in this conversation."""
+        request = await database_sync_to_async(
+            ApprovalRequest.objects.select_related("conversation", "decided_by")
+            .filter(pk=frame.approval, conversation=self.conversation)
+            .first
+        )()
+        if request is None:
+            await self.send_error("not_found", "There is no such request in this conversation.")
+            return
+        try:
+            turn = await database_sync_to_async(request.decide)(
+                self.scope["user"], frame.decision, reason=frame.reason, answer=frame.answer
+            )
+        except DecisionNotAllowed as refused:
+            await self.send_error("forbidden", str(refused))
+            return
+        except AlreadyDecided as decided:
+            await self.send_error("already_decided", str(decided))
+            await self.send_json(
+                {"type": "approval", "approval": await database_sync_to_async(request.as_frame)()}
+            )
+            return
+        except TurnActive:
+            await self.send_error("turn_active", "A reply is still in progress.")
+            return
+        await turns.publish_decision(request, turn)
+
+    async def sync(self, frame: SyncFrame) -> None:
+        """Catch a (re)connecting page up: stored messages it lacks, then what is streaming.
+
+        Pages also sync when they notice they missed something (a delta beyond the
+        text they have, a running turn gone quiet): a turn that ended meanwhile is
+        sent in its final state, so no page is left waiting for an end it missed.
+        """
+        self.held = []
+        try:
+            frames, active, latest = await database_sync_to_async(self.catch_up)(frame.after)
+            self.synced_after = max([frame.after, *(message["id"] for message in frames)])
+            for message in frames:
+                await self.send_json({"type": "message", "message": message})
+            if active is None:
+                if latest is not None:
+                    await self.send_json({"type": "turn", "turn": latest.as_frame()})
+                await self.send_json({"type": "synced"})
+                return
+            await self.send_json({"type": "turn", "turn": active.as_frame()})
+            # A turn whose worker died is taken over here, then streams like any other.
+            here = turns.running.get(self.conversation.pk)
+            if here is None or here.turn.pk != active.pk:
+                await workers.take_over(self.conversation.pk)
+            # The running turn answers with a snapshot, then the page is in sync.
+            await turns.request_snapshot(self.conversation.pk, self.channel_name)
+            self.snapshot_timeout = asyncio.get_running_loop().call_later(
+                settings.SNAPSHOT_TIMEOUT, lambda: asyncio.ensure_future(self.snapshot_missing())
+            )
+        finally:
+            await self.release_held()
+
+    async def conversation_snapshot(self, event: dict[str, Any]) -> None:
+        """What the running turn has streamed so far, for this socket's sync: first the
+        messages it stored that this sync did not send (they may have been stored after
+        the page's catch-up, before the turn knew this socket watched), then what is
+        still streaming."""
+        if self.snapshot_timeout is not None:
+            self.snapshot_timeout.cancel()
+            self.snapshot_timeout = None
+        for message in event.get("messages", ()):
+            if message["id"] > self.synced_after:
+                await self.send_json({"type": "message", "message": message})
+        await self.send_json(event["frame"])
+        await self.send_json({"type": "synced"})
+
+    async def snapshot_missing(self) -> None:
+        """No turn answered: it runs nowhere (a worker died), so say what is known."""
+        self.snapshot_timeout = None
+        await self.send_json({"type": "synced"})
+
+    def catch_up(self, after: int) -> tuple[list[dict[str, Any]], Turn | None, Turn | None]:
+        """Stored messages after `after`, the running turn, and the latest turn."""
+        messages = Message.objects.filter(conversation=self.conversation, pk__gt=after)
+        frames = [m.as_frame() for m in messages.select_related("turn")[:500]]
+        latest = self.conversation.turns.order_by("-pk").first()
+        if latest is not None and latest.status in Turn.ACTIVE:
+            return frames, latest, latest
+        return frames, self.conversation.active_turn(), latest
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def broadcast(self, frame: dict[str, Any]) -> None:
+        await layers.broadcast(self.channel_layer, self.conversation.group_name, frame)
+
+    async def relay(self, text: str) -> None:
+        """A frame (encoded once for every socket) from this process's side of the
+        conversation: a running turn, a decision, another tab's send."""
+        if self.held is not None:
+            self.held.append(text)
+        else:
+            await self.send(text_data=text)
+
+    async def release_held(self) -> None:
+        while self.held:
+            await self.send(text_data=self.held.pop(0))
+        self.held = None
+
+    async def conversation_frame(self, event: dict[str, Any]) -> None:
+        """A frame from another process for everyone watching this conversation."""
+        if event.get("origin") == layers.PROCESS:
+            return  # this process's sockets had it directly
+        text = event.get("text")
+        await self.send(text_data=text if text is not None else json.dumps(event["frame"]))
+
+    async def send_json(self, content: dict[str, Any]) -> None:
+        await self.send(text_data=json.dumps(content))
+
+    async def send_error(self, code: str, message: str) -> None:
+        await self.send_json({"type": "error", "code": code, "message": message})
+
+
+class ApprovalConsoleConsumer(AsyncWebsocketConsumer):
+    """Live updates for the approval console and the navigation's pending count.
+
+    Every console joins one group; each consumer shows its own user only the requests
+    that user may decide.
+    """
+
+    async def connect(self) -> None:
+        await self.accept()
+        if not self.scope["user"].is_authenticated:
+            await self.close(code=CLOSE_NOT_LOGGED_IN)
+            return
+        await self.channel_layer.group_add(turns.APPROVALS_GROUP, self.channel_name)
+        self.joined = True
+
+    async def disconnect(self, code: int) -> None:
+        if getattr(self, "joined", False):
+            await self.channel_layer.group_discard(turns.APPROVALS_GROUP, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        """The console only listens; decisions are posted as forms."""
+        await self.send(
+            text_data=json.dumps(
+                {"type": "error", "code": "read_only", "message": "This socket only listens."}
+            )
+        )
+
+    async def approvals_changed(self, event: dict[str, Any]) -> None:
+        """Requests arrived or were decided somewhere: show this user what concerns them."""
+        frames = await database_sync_to_async(self.frames_for)(event["ids"], event["action"])
+        for frame in frames:
+            await self.send(text_data=json.dumps(frame))
+
+    def frames_for(self, ids: list[int], action: str) -> list[dict[str, Any]]:
+        from django.template.loader import render_to_string
+
+        from chatui.console import pending_for, with_context
+
+        user = self.scope["user"]
+        visible = ApprovalRequest.decidable_by(user).filter(pk__in=ids)
+        frames = []
+        for approval in with_context(visible):
+            frame: dict[str, Any] = {
+                "type": "approval.added" if approval.is_pending else "approval.decided",
+                "id": approval.pk,
+                "state": approval.state,
+            }
+            if approval.is_pending:
+                frame["html"] = render_to_string("approvals/_card.html", {"approval": approval})
+            else:
+                frame["by"] = approval.decided_by.get_username() if approval.decided_by else ""
+                frame["html"] = render_to_string("chat/_approval.html", {"approval": approval})
+            frames.append(frame)
+        if frames:
+            frames.append({"type": "approval.count", "pending": pending_for(user).count()})
+        return frames

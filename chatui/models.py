@@ -1,0 +1,921 @@
+"""Conversations with Letta agents, the turns they are made of, and their messages.
+
+A conversation belongs to one user and one target (an agent or a group). Each thing
+the user sends starts a turn; a turn streams from Letta and yields messages, each
+written to the database once, complete. Token-by-token text never touches the
+database: it lives in the running turn and goes straight to the browser.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, models, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+
+class TargetKind(models.TextChoices):
+    AGENT = "agent", "Agent"
+    GROUP = "group", "Group"
+
+
+class Conversation(models.Model):
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
+    )
+    target_kind = models.CharField(max_length=10, choices=TargetKind, default=TargetKind.AGENT)
+    target_id = models.CharField(max_length=42, db_index=True)
+    target_name = models.CharField(max_length=200)
+    title = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    # Last activity: what the sidebar sorts by.
+    updated_at = models.DateTimeField(default=timezone.now)
+    # For a group: its agents, [{"id": ..., "name": ...}], as the upstream listed them.
+    members = models.JSONField(default=list, blank=True)
+    # Per-conversation request options: max_steps, override_model, enable_thinking,
+    # include_return_message_types. Each turn records the ones it used.
+    options = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["owner", "-updated_at"]),
+            models.Index(fields=["-updated_at"]),  # the review list's default order
+        ]
+        ordering = ["-updated_at"]
+
+    def __str__(self) -> str:
+        return self.title or f"Chat with {self.target_name}"
+
+    @property
+    def group_name(self) -> str:
+        """The channel-layer group every socket watching this conversation joins."""
+        return f"conversation-{self.pk}"
+
+    def active_turn(self) -> Turn | None:
+        return self.turns.filter(status__in=Turn.ACTIVE).order_by("-pk").first()
+
+    def check_send_rate(self) -> None:
+        """Raise SendRateExceeded when the owner sent too much lately (all conversations)."""
+        window = settings.SEND_RATE_WINDOW
+        since = timezone.now() - timezone.timedelta(seconds=window)
+        recent = Turn.objects.filter(
+            conversation__owner_id=self.owner_id, kind=Turn.Kind.MESSAGE, created_at__gte=since
+        ).count()
+        if recent >= settings.SEND_RATE_LIMIT:
+            raise SendRateExceeded(settings.SEND_RATE_LIMIT, window)
+
+    def pending_approvals(self) -> models.QuerySet[ApprovalRequest]:
+        return self.approval_requests.filter(state=ApprovalRequest.State.PENDING)
+
+    def start_turn(
+        self, text: str, otid: str | None = None, attachments: list[int] | None = None
+    ) -> tuple[Turn, bool]:
+        """Save the user's message and a new turn for it, before anything goes upstream.
+
+        A resend with an otid this conversation already has (a browser that lost its
+        socket right after sending) returns the existing turn instead of a duplicate; the
+        second value says whether the turn is new. Raises TurnActive when a turn is
+        still running here.
+        """
+        otid = otid or str(uuid.uuid4())
+        existing = self.turns.filter(otid=otid).first()
+        if existing is not None:
+            return existing, False
+        pending = list(self.pending_approvals())
+        if pending:
+            raise ApprovalPending(pending)
+        images = list(self.attachments.filter(pk__in=attachments or [], message=None))
+        if len(images) != len(attachments or []):
+            raise AttachmentMissing()
+        try:
+            with transaction.atomic():
+                turn = Turn.objects.create(
+                    conversation=self,
+                    otid=otid,
+                    status=Turn.Status.RUNNING,
+                    worker=this_worker(),
+                    request={"type": "message", "role": "user", "content": text, "otid": otid},
+                    options=self.options,
+                )
+                message = Message.objects.create(
+                    conversation=self,
+                    turn=turn,
+                    kind=Message.Kind.USER,
+                    otid=otid,
+                    sender=self.owner.get_username(),
+                    text=text,
+                    payload={"role": "user", "content": text, "otid": otid},
+                )
+                if images:
+                    Attachment.objects.filter(pk__in=[i.pk for i in images]).update(message=message)
+                self.updated_at = timezone.now()
+                if not self.title:
+                    self.title = " ".join(text.split())[:80] or "Images"
+                self.save(update_fields=["updated_at", "title"])
+        except IntegrityError as error:
+            raise TurnActive(self.active_turn()) from error
+        return turn, True
+
+
+def this_worker() -> str:
+    from chatui.workers import NAME
+
+    return NAME
+
+
+class AttachmentMissing(Exception):
+    def __init__(self) -> None:
+        super().__init__("An attached image is missing or was already sent; attach it again.")
+
+
+class SendRateExceeded(Exception):
+    def __init__(self, limit: int, window: int):
+        super().__init__(
+            f"You have sent {limit} messages in the last {window} seconds, the most allowed. "
+            "Wait a moment and send again."
+        )
+
+
+class TurnActive(Exception):
+    """A conversation runs one turn at a time; this one is still running."""
+
+    def __init__(self, turn: Turn | None):
+        super().__init__("A reply is still in progress in this conversation.")
+        self.turn = turn
+
+
+class ApprovalPending(Exception):
+    """The agent waits for a decision on a tool call; nothing else can be sent until then."""
+
+    def __init__(self, requests: list[ApprovalRequest]):
+        names = ", ".join(sorted({r.tool_name for r in requests}))
+        super().__init__(
+            f"The agent is waiting for a decision on {names}. Decide it before sending more."
+        )
+        self.requests = requests
+
+
+class Turn(models.Model):
+    class Kind(models.TextChoices):
+        MESSAGE = "message", "Message"
+        APPROVAL = "approval", "Approval decision"
+        TOOL_RETURN = "tool_return", "Answer to a question"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Waiting for the agent"
+        RUNNING = "running", "Running"
+        COMPLETED = "completed", "Completed"
+        CANCELLED = "cancelled", "Stopped"
+        FAILED = "failed", "Failed"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+
+    conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="turns")
+    kind = models.CharField(max_length=12, choices=Kind, default=Kind.MESSAGE)
+    # What this turn sends upstream: one item of Letta's `messages` list (a MessageCreate,
+    # an ApprovalCreate or a ToolReturnCreate), as sent; a retry sends it again.
+    request = models.JSONField(default=dict, blank=True)
+    # The conversation options this turn ran with.
+    options = models.JSONField(default=dict, blank=True)
+    # The user message's offline threading id. Every retry of this turn sends the same
+    # one (the reference says Letta deduplicates on it; Letta 0.16.4 does not yet).
+    otid = models.CharField(max_length=64)
+    status = models.CharField(max_length=10, choices=Status, default=Status.RUNNING)
+    run_id = models.CharField(max_length=64, blank=True)
+    stop_reason = models.CharField(max_length=64, blank=True)
+    usage = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    attempts = models.PositiveIntegerField(default=0)
+    # Whether Letta runs it in the background (resumable by run_id and seq_id).
+    background = models.BooleanField(default=False)
+    # The chatui worker streaming it; another takes over when that worker goes quiet.
+    worker = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["conversation"],
+                condition=Q(status__in=["queued", "running"]),
+                name="one_active_turn_per_conversation",
+            ),
+            models.UniqueConstraint(fields=["conversation", "otid"], name="unique_turn_otid"),
+        ]
+        # Review filters: conversations with a failed or cancelled turn, by stop reason.
+        indexes = [models.Index(fields=["status"]), models.Index(fields=["stop_reason"])]
+
+    def __str__(self) -> str:
+        return f"Turn {self.pk} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def user_message(self) -> Message | None:
+        return self.messages.filter(kind=Message.Kind.USER).first()
+
+    def finish(
+        self,
+        status: str,
+        *,
+        stop_reason: str = "",
+        usage: dict[str, Any] | None = None,
+        error: str = "",
+        error_code: str = "",
+    ) -> None:
+        """Record how the turn ended, in one write, and bump the conversation."""
+        self.status = status
+        self.stop_reason = stop_reason or self.stop_reason
+        self.usage = usage or self.usage
+        self.error = error
+        self.error_code = error_code
+        self.finished_at = timezone.now()
+        self.save(
+            update_fields=["status", "stop_reason", "usage", "error", "error_code", "finished_at"]
+        )
+        Conversation.objects.filter(pk=self.conversation_id).update(updated_at=self.finished_at)
+
+    @classmethod
+    def carrying_decisions(cls, requesting: Turn, requests: list[ApprovalRequest]) -> Turn:
+        """The turn that sends a complete set of decisions upstream as one `approvals`
+        list, and streams what the agent does next."""
+        otid = str(uuid.uuid4())
+        conversation = requesting.conversation
+        if all(request.kind == ApprovalRequest.Kind.QUESTION for request in requests):
+            # Answers to questions go back as tool returns (ToolReturnCreate).
+            kind = cls.Kind.TOOL_RETURN
+            returns = [request.tool_return_item() for request in requests]
+            request = {"type": "tool_return", "tool_returns": returns, "otid": otid}
+        else:
+            kind = cls.Kind.APPROVAL
+            approvals = [request.upstream_item() for request in requests]
+            request = {"type": "approval", "approvals": approvals, "otid": otid}
+        if conversation.target_kind == TargetKind.GROUP:
+            request["group_id"] = conversation.target_id
+        try:
+            with transaction.atomic():
+                turn = cls.objects.create(
+                    conversation=conversation,
+                    kind=kind,
+                    otid=otid,
+                    status=cls.Status.RUNNING,
+                    worker=this_worker(),
+                    request=request,
+                    options=conversation.options,
+                )
+        except IntegrityError as error:
+            raise TurnActive(conversation.active_turn()) from error
+        ApprovalRequest.objects.filter(pk__in=[r.pk for r in requests]).update(decision_turn=turn)
+        return turn
+
+    def legacy_approval_request(self) -> dict[str, Any] | None:
+        """This decision turn in the legacy wire form (one decision per request only).
+
+        The legacy form cannot carry an answer in place of the tool, so an answer is
+        sent as a denial whose reason quotes it.
+        """
+        decisions = list(self.decisions.all())
+        if len(decisions) != 1:
+            return None
+        decision = decisions[0]
+        reason = decision.reason or None
+        if decision.state == ApprovalRequest.State.ANSWERED:
+            reason = f"The person answered instead of running the tool: {decision.answer}"
+        request = {
+            "type": "approval",
+            "approval_request_id": decision.letta_message_id,
+            "approve": decision.state == ApprovalRequest.State.APPROVED,
+            "otid": self.otid,
+        }
+        if reason:
+            request["reason"] = reason
+        return request
+
+    def mark_attempt(self) -> None:
+        Turn.objects.filter(pk=self.pk).update(attempts=models.F("attempts") + 1)
+
+    def record_run(self, run_id: str, *, background: bool = False) -> None:
+        """Keep Letta's run id as soon as it is known: Stop and resume need it."""
+        self.run_id, self.background = run_id, background
+        Turn.objects.filter(pk=self.pk).update(run_id=run_id, background=background)
+
+    def retract_streamed(self) -> list[int]:
+        """Delete what an attempt stored besides the user's message (Letta's agent never
+        saw it); the ids deleted, so pages can drop them too."""
+        streamed = self.messages.exclude(kind=Message.Kind.USER)
+        ids = list(streamed.values_list("pk", flat=True))
+        streamed.delete()
+        return ids
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+        Turn.objects.filter(pk=self.pk).update(status=status)
+
+    def durable_seq_id(self) -> int | None:
+        """The last event of a background run that is safely stored: the highest seq_id
+        of this turn's stored messages. A resumed stream starts after it."""
+        return self.messages.aggregate(models.Max("seq_id"))["seq_id__max"]
+
+    def as_frame(self) -> dict[str, Any]:
+        """The turn's state as the browser sees it."""
+        return {
+            "id": self.pk,
+            "status": self.status,
+            "status_label": self.get_status_display(),
+            "stop_reason": self.stop_reason,
+            "usage": self.usage,
+            "error": self.error,
+            "error_code": self.error_code,
+            "retryable": self.status in (self.Status.FAILED, self.Status.CANCELLED),
+        }
+
+    def restart(self) -> bool:
+        """Mark a failed or stopped turn running again, for Retry; False if it cannot be.
+
+        A retry is a new run upstream: what the last attempt's run said is forgotten.
+        """
+        updated = (
+            Turn.objects.filter(pk=self.pk)
+            .exclude(status__in=self.ACTIVE)
+            .exclude(status=self.Status.COMPLETED)
+            .update(
+                status=self.Status.RUNNING,
+                error="",
+                error_code="",
+                finished_at=None,
+                run_id="",
+                stop_reason="",
+                usage={},
+                background=False,
+                worker=this_worker(),
+            )
+        )
+        if updated:
+            self.refresh_from_db()
+        return bool(updated)
+
+
+class Message(models.Model):
+    class Kind(models.TextChoices):
+        USER = "user", "User"
+        ASSISTANT = "assistant", "Assistant"
+        REASONING = "reasoning", "Reasoning"
+        HIDDEN_REASONING = "hidden_reasoning", "Hidden reasoning"
+        TOOL_CALL = "tool_call", "Tool call"
+        TOOL_RETURN = "tool_return", "Tool result"
+        APPROVAL_REQUEST = "approval_request", "Approval request"
+        APPROVAL_RESPONSE = "approval_response", "Approval response"
+        SYSTEM = "system", "System"
+        ERROR = "error", "Error"
+        SUMMARY = "summary", "Summary"
+        EVENT = "event", "Event"
+        OTHER = "other", "Other"
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="messages"
+    )
+    turn = models.ForeignKey(
+        Turn, on_delete=models.CASCADE, related_name="messages", null=True, blank=True
+    )
+    kind = models.CharField(max_length=20, choices=Kind)
+    # Letta's own ids, as it sent them.
+    # NULL, not "", so the stored-once constraint skips messages Letta gave no id.
+    letta_id = models.CharField(max_length=64, null=True, blank=True)  # noqa: DJ001
+    otid = models.CharField(max_length=64, blank=True)
+    run_id = models.CharField(max_length=64, blank=True)
+    step_id = models.CharField(max_length=64, blank=True)
+    seq_id = models.BigIntegerField(null=True, blank=True)
+    # Who said it: the user's name, or the agent's name in a group.
+    sender = models.CharField(max_length=200, blank=True)
+    sender_id = models.CharField(max_length=64, blank=True)
+    # Plain text for display and search: the content, reasoning, tool arguments or result.
+    text = models.TextField(blank=True)
+    # The complete message as Letta sent it (or as chatui sent it, for the user's).
+    payload = models.JSONField(default=dict)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["pk"]
+        indexes = [models.Index(fields=["conversation", "-id"])]
+        constraints = [
+            # A message is stored once, even if a resumed stream replays it.
+            models.UniqueConstraint(
+                fields=["turn", "kind", "letta_id"],
+                condition=Q(letta_id__isnull=False),
+                name="message_stored_once",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()}: {self.text[:60]}"
+
+    @classmethod
+    def kind_for(cls, message_type: str | None) -> str:
+        return KIND_BY_MESSAGE_TYPE.get(message_type or "", cls.Kind.OTHER)
+
+    @classmethod
+    def key_for(cls, message_type: str | None, letta_id: str | None) -> str:
+        return f"{cls.kind_for(message_type)}:{letta_id}"
+
+    @classmethod
+    def store(cls, turn: Turn, letta_message: Any) -> Message:
+        """Write one complete Letta message for a turn.
+
+        Stored once: if the same message comes again (a resumed stream replaying it,
+        or the one last piece Letta sends after a cancel) the row is brought up to date
+        instead of duplicated.
+        """
+        data = letta_message.model_dump(mode="json")
+        message = cls(
+            conversation_id=turn.conversation_id,
+            turn=turn,
+            kind=cls.kind_for(data.get("message_type")),
+            letta_id=data.get("id"),
+            otid=data.get("otid") or "",
+            run_id=data.get("run_id") or "",
+            step_id=data.get("step_id") or "",
+            seq_id=data.get("seq_id"),
+            sender=data.get("name") or "",
+            sender_id=data.get("sender_id") or "",
+            text=text_of(data),
+            payload=data,
+        )
+        try:
+            with transaction.atomic():
+                message.save()
+        except IntegrityError:
+            existing = cls.objects.get(turn=turn, kind=message.kind, letta_id=message.letta_id)
+            if existing.payload != message.payload:
+                existing.text, existing.payload = message.text, message.payload
+                existing.save(update_fields=["text", "payload"])
+            return existing
+        return message
+
+    @property
+    def key(self) -> str:
+        """How the browser matches a stored message with the one it saw streaming."""
+        return f"{self.kind}:{self.letta_id}" if self.letta_id else f"db:{self.pk}"
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return tool_calls_of(self.payload)
+
+    @property
+    def tool_return(self) -> Any:
+        return self.payload.get("tool_return")
+
+    def as_frame(self) -> dict[str, Any]:
+        """The stored message as the browser receives it, rendered by the same template
+        as the page."""
+        from django.template.loader import render_to_string
+
+        return {
+            "id": self.pk,
+            "key": self.key,
+            "kind": self.kind,
+            "turn": self.turn_id,
+            "html": render_to_string("chat/_message.html", {"message": self}),
+        }
+
+    @staticmethod
+    def open_frame(letta_message: Any) -> dict[str, Any]:
+        """A message still streaming, as a snapshot for a browser that joins late."""
+        data = letta_message.model_dump(mode="json")
+        kind = Message.kind_for(data.get("message_type"))
+        return {
+            "key": Message.key_for(data.get("message_type"), data.get("id")),
+            "kind": kind,
+            "sender": data.get("name") or "",
+            "text": text_of(data) if kind not in TOOL_KINDS else "",
+            "tool_calls": tool_calls_of(data),
+        }
+
+
+class Attachment(models.Model):
+    """An image the user attached to a message, kept in the database so every worker
+    can serve it. Uploaded first (while the message is being written), then tied to
+    the message it was sent with."""
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="attachments"
+    )
+    message = models.ForeignKey(
+        Message, on_delete=models.CASCADE, related_name="attachments", null=True, blank=True
+    )
+    media_type = models.CharField(max_length=50)
+    name = models.CharField(max_length=200, blank=True)
+    size = models.PositiveIntegerField()
+    data = models.BinaryField()
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["pk"]
+
+    def __str__(self) -> str:
+        return self.name or f"{self.media_type} ({self.size} bytes)"
+
+    def as_content(self) -> dict[str, Any]:
+        """The image as a Letta ImageContent part (base64 with its media type)."""
+        return {
+            "type": "image",
+            "source": {
+                "type": "base64",
+                "media_type": self.media_type,
+                "data": base64.b64encode(bytes(self.data)).decode(),
+            },
+        }
+
+    def as_frame(self) -> dict[str, Any]:
+        from django.urls import reverse
+
+        return {
+            "id": self.pk,
+            "name": self.name,
+            "media_type": self.media_type,
+            "size": self.size,
+            "url": reverse("attachment", args=[self.pk]),
+        }
+
+
+class ApprovalRequest(models.Model):
+    """One tool call that waits for a person: an approval, or a question the agent asked
+    the user through a client-side tool."""
+
+    class Kind(models.TextChoices):
+        APPROVAL = "approval", "Approval"
+        QUESTION = "question", "Question for the user"
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending"
+        APPROVED = "approved", "Approved"
+        DENIED = "denied", "Denied"
+        ANSWERED = "answered", "Answered instead"
+        EXPIRED = "expired", "Expired"
+
+    conversation = models.ForeignKey(
+        Conversation, on_delete=models.CASCADE, related_name="approval_requests"
+    )
+    # The turn whose stream asked, and the approval_request message that carried it.
+    turn = models.ForeignKey(Turn, on_delete=models.CASCADE, related_name="approval_requests")
+    message = models.ForeignKey(
+        Message, on_delete=models.CASCADE, related_name="approval_requests", null=True, blank=True
+    )
+    kind = models.CharField(max_length=10, choices=Kind, default=Kind.APPROVAL)
+    letta_message_id = models.CharField(max_length=64, blank=True)
+    tool_call_id = models.CharField(max_length=100)
+    tool_name = models.CharField(max_length=200)
+    arguments = models.TextField(blank=True)
+    state = models.CharField(max_length=10, choices=State, default=State.PENDING)
+    created_at = models.DateTimeField(default=timezone.now)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="approval_decisions",
+    )
+    decided_at = models.DateTimeField(null=True, blank=True)
+    # Why it was denied (the agent reads it), or the person's answer in place of the tool.
+    reason = models.TextField(blank=True)
+    answer = models.TextField(blank=True)
+    # The turn that carried the decision upstream and streamed the continuation.
+    decision_turn = models.ForeignKey(
+        Turn, on_delete=models.SET_NULL, null=True, blank=True, related_name="decisions"
+    )
+
+    FINAL_STATES = (State.APPROVED, State.DENIED, State.ANSWERED, State.EXPIRED)
+
+    class Meta:
+        ordering = ["-created_at"]
+        permissions = [("decide_approvalrequest", "Can decide tool approvals in any conversation")]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["conversation", "tool_call_id"], name="one_request_per_tool_call"
+            )
+        ]
+        indexes = [models.Index(fields=["state", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.tool_name} ({self.state})"
+
+    @classmethod
+    def record(
+        cls, message: Message, *, questions: frozenset[str] = frozenset()
+    ) -> list[ApprovalRequest]:
+        """One pending request per tool call of an approval request message.
+
+        `questions` names the client-side tools chatui offered: a call to one of them is
+        a question for the user rather than an approval.
+        """
+        created = []
+        for call in message.tool_calls:
+            request, new = cls.objects.get_or_create(
+                conversation_id=message.conversation_id,
+                tool_call_id=call["tool_call_id"],
+                defaults={
+                    "turn_id": message.turn_id,
+                    "message": message,
+                    "kind": cls.Kind.QUESTION if call["name"] in questions else cls.Kind.APPROVAL,
+                    "letta_message_id": message.letta_id or "",
+                    "tool_name": call["name"],
+                    "arguments": call["arguments"],
+                },
+            )
+            if new:
+                created.append(request)
+        return created
+
+    @classmethod
+    def decidable_by(cls, user: Any) -> models.QuerySet[ApprovalRequest]:
+        """The requests this user may decide (pending or not)."""
+        if user.has_perm("chatui.decide_approvalrequest"):
+            return cls.objects.all()
+        if settings.APPROVALS_OWNER_MAY_DECIDE:
+            return cls.objects.filter(conversation__owner=user)
+        return cls.objects.none()
+
+    def may_be_decided_by(self, user: Any) -> bool:
+        if not user.is_authenticated or not user.is_active:
+            return False
+        if user.has_perm("chatui.decide_approvalrequest"):
+            return True
+        return settings.APPROVALS_OWNER_MAY_DECIDE and self.conversation.owner_id == user.pk
+
+    @property
+    def is_pending(self) -> bool:
+        return self.state == self.State.PENDING
+
+    def decide(
+        self, user: Any, decision: str, *, reason: str = "", answer: str = ""
+    ) -> Turn | None:
+        """Record one person's decision, exactly once, and send the set upstream when
+        it is complete.
+
+        Two people deciding at the same moment: the conditional update lets one win;
+        the other gets AlreadyDecided naming who was first. Deciders of one turn's
+        requests are serialised on that turn's row, so the last decision of a set of
+        parallel calls always sees the others and creates the one turn that carries
+        them all upstream (returned; None while some calls still wait).
+        """
+        if decision not in DECISION_STATES:
+            raise ValueError(f"unknown decision {decision!r}")
+        if not self.may_be_decided_by(user):
+            raise DecisionNotAllowed(self)
+        with transaction.atomic():
+            requesting = Turn.objects.select_for_update().get(pk=self.turn_id)
+            decided = ApprovalRequest.objects.filter(pk=self.pk, state=self.State.PENDING).update(
+                state=DECISION_STATES[decision],
+                decided_by=user if getattr(user, "pk", None) else None,
+                decided_at=timezone.now(),
+                reason=reason,
+                answer=answer,
+            )
+            self.refresh_from_db()
+            if not decided:
+                raise AlreadyDecided(self)
+            siblings = list(requesting.approval_requests.order_by("pk"))
+            if any(request.is_pending for request in siblings):
+                return None
+            return Turn.carrying_decisions(requesting, siblings)
+
+    def as_frame(self) -> dict[str, Any]:
+        """The request's state for the browser, with its form or record rendered."""
+        from django.template.loader import render_to_string
+
+        return {
+            "id": self.pk,
+            "state": self.state,
+            "tool_call_id": self.tool_call_id,
+            "html": render_to_string("chat/_approval.html", {"approval": self}),
+        }
+
+    def tool_return_item(self) -> dict[str, Any]:
+        """The person's answer as a tool return (for questions, and answer-instead)."""
+        answered = self.state == self.State.ANSWERED
+        return {
+            "type": "tool",
+            "tool_call_id": self.tool_call_id,
+            "status": "success" if answered else "error",
+            "tool_return": self.answer if answered else f"No answer: {self.reason or 'declined'}.",
+        }
+
+    def upstream_item(self) -> dict[str, Any]:
+        """This decision as one item of Letta's `approvals` list."""
+        if self.state == self.State.ANSWERED:
+            return self.tool_return_item()
+        item = {"type": "approval", "tool_call_id": self.tool_call_id}
+        item["approve"] = self.state == self.State.APPROVED
+        if self.reason:
+            item["reason"] = self.reason
+        return item
+
+    @classmethod
+    def expire_stale(cls, now: Any = None) -> list[Turn]:
+        """Deny requests pending longer than APPROVAL_EXPIRE_AFTER, with reason "expired"."""
+        seconds = settings.APPROVAL_EXPIRE_AFTER
+        if not seconds:
+            return []
+        cutoff = (now or timezone.now()) - timezone.timedelta(seconds=seconds)
+        turns = []
+        for request in cls.objects.filter(state=cls.State.PENDING, created_at__lt=cutoff):
+            try:
+                turn = request.decide(SYSTEM_DECIDER, "expire", reason="expired")
+            except AlreadyDecided:
+                continue
+            if turn is not None:
+                turns.append(turn)
+        return turns
+
+
+class AlreadyDecided(Exception):
+    def __init__(self, request: ApprovalRequest):
+        who = request.decided_by.get_username() if request.decided_by else "chatui"
+        super().__init__(f"{who} already decided this ({request.get_state_display().lower()}).")
+        self.request = request
+
+
+class DecisionNotAllowed(Exception):
+    def __init__(self, request: ApprovalRequest):
+        super().__init__("You may not decide this request.")
+        self.request = request
+
+
+class SystemDecider:
+    """Who decides when nobody did: the expiry policy."""
+
+    pk = None
+    is_authenticated = True
+    is_active = True
+
+    def has_perm(self, perm: str) -> bool:
+        return True
+
+
+SYSTEM_DECIDER = SystemDecider()
+DECISION_STATES = {
+    "approve": ApprovalRequest.State.APPROVED,
+    "deny": ApprovalRequest.State.DENIED,
+    "answer": ApprovalRequest.State.ANSWERED,
+    "expire": ApprovalRequest.State.EXPIRED,
+}
+
+
+class Feedback(models.Model):
+    """A user's verdict on one assistant message."""
+
+    class Rating(models.TextChoices):
+        HELPFUL = "helpful", "Helpful"
+        NOT_HELPFUL = "not_helpful", "Not helpful"
+
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="feedback")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="feedback"
+    )
+    rating = models.CharField(max_length=12, choices=Rating)
+    comment = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        verbose_name_plural = "feedback"
+        constraints = [
+            models.UniqueConstraint(fields=["message", "user"], name="one_feedback_per_user")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_rating_display()} on message {self.message_id}"
+
+
+class Worker(models.Model):
+    """A running chatui process. It says it is alive every few seconds; the turns of a
+    worker that went quiet are taken over by another."""
+
+    name = models.CharField(max_length=100, unique=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    last_seen = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class AgentLock(models.Model):
+    """Letta interleaves concurrent requests to one agent unpredictably, so only one
+    turn at a time streams to an agent, across every worker."""
+
+    agent_id = models.CharField(max_length=42, unique=True)
+    turn = models.OneToOneField(Turn, on_delete=models.CASCADE, related_name="agent_lock")
+    worker = models.CharField(max_length=100)
+    acquired_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.agent_id} held by turn {self.turn_id}"
+
+    @classmethod
+    def acquire(cls, turn: Turn) -> bool:
+        """Take the agent of this turn's conversation, in the order turns queued.
+
+        A lock whose turn ended, or whose worker died, is released on the spot.
+        """
+        from chatui.workers import is_orphaned
+
+        agent_id = turn.conversation.target_id
+        with transaction.atomic():
+            held = (
+                cls.objects.select_for_update()
+                .select_related("turn")
+                .filter(agent_id=agent_id)
+                .first()
+            )
+            if held is not None:
+                if held.turn_id == turn.pk:
+                    return True
+                if held.turn.status in Turn.ACTIVE and not is_orphaned(held.turn):
+                    return False
+                held.delete()
+            queued_earlier = Turn.objects.filter(
+                conversation__target_id=agent_id, status=Turn.Status.QUEUED, pk__lt=turn.pk
+            )
+            if queued_earlier.exists():
+                return False
+            try:
+                with transaction.atomic():
+                    cls.objects.create(agent_id=agent_id, turn=turn, worker=this_worker())
+            except IntegrityError:
+                return False
+        return True
+
+    @classmethod
+    def release(cls, turn: Turn) -> None:
+        cls.objects.filter(turn=turn).delete()
+
+
+KIND_BY_MESSAGE_TYPE = {
+    "system_message": Message.Kind.SYSTEM,
+    "user_message": Message.Kind.USER,
+    "assistant_message": Message.Kind.ASSISTANT,
+    "reasoning_message": Message.Kind.REASONING,
+    "hidden_reasoning_message": Message.Kind.HIDDEN_REASONING,
+    "tool_call_message": Message.Kind.TOOL_CALL,
+    "tool_return_message": Message.Kind.TOOL_RETURN,
+    "approval_request_message": Message.Kind.APPROVAL_REQUEST,
+    "approval_response_message": Message.Kind.APPROVAL_RESPONSE,
+    "error_message": Message.Kind.ERROR,
+    "summary": Message.Kind.SUMMARY,
+    "summary_message": Message.Kind.SUMMARY,
+    "event": Message.Kind.EVENT,
+    "event_message": Message.Kind.EVENT,
+}
+TOOL_KINDS = {Message.Kind.TOOL_CALL, Message.Kind.APPROVAL_REQUEST}
+
+
+def content_text(content: Any) -> str:
+    """Letta content is a string or a list of parts; the text parts, joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def tool_calls_of(data: dict[str, Any]) -> list[dict[str, Any]]:
+    calls = data.get("tool_calls") or ([data["tool_call"]] if data.get("tool_call") else [])
+    return [
+        {
+            "tool_call_id": call.get("tool_call_id") or "",
+            "name": call.get("name") or "",
+            "arguments": call.get("arguments") or "",
+        }
+        for call in calls
+        if isinstance(call, dict)
+    ]
+
+
+def text_of(data: dict[str, Any]) -> str:
+    """The human-readable text of a Letta message, for display and search."""
+    kind = Message.kind_for(data.get("message_type"))
+    if kind in (Message.Kind.ASSISTANT, Message.Kind.USER, Message.Kind.SYSTEM):
+        return content_text(data.get("content"))
+    if kind == Message.Kind.REASONING:
+        return data.get("reasoning") or ""
+    if kind == Message.Kind.HIDDEN_REASONING:
+        return data.get("hidden_reasoning") or ""
+    if kind in TOOL_KINDS:
+        return "\n".join(f"{c['name']} {c['arguments']}" for c in tool_calls_of(data))
+    if kind == Message.Kind.TOOL_RETURN:
+        value = data.get("tool_return")
+        return value if isinstance(value, str) else content_text(value)
+    if kind == Message.Kind.APPROVAL_RESPONSE:
+        return data.get("reason") or ""
+    if kind == Message.Kind.ERROR:
+        return " ".join(filter(None, [data.get("message"), data.get("detail")]))
+    if kind == Message.Kind.SUMMARY:
+        return data.get("summary") or ""
+    if kind == Message.Kind.EVENT:
+        return data.get("event_type") or ""
+    return ""

@@ -1,0 +1,871 @@
+"""Running a turn: stream from Letta, relay live, persist each message once.
+
+A turn does not belong to the socket that started it. It runs as its own task in the
+worker process; sockets come and go and follow it: those of this process get its
+frames directly, those of other workers through the conversation's channel-layer group
+(chatui.layers). Each running turn also listens on a control group of its own, so a
+socket on any worker can stop it or ask for what has streamed so far.
+
+Token deltas are coalesced: the first goes out at once, later ones at most every
+STREAM_FLUSH_INTERVAL seconds per turn. Every outgoing frame passes through one queue,
+so the browser sees deltas and completed messages in the order they happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from channels.db import aclose_old_connections, database_sync_to_async
+from channels.layers import get_channel_layer
+from django.conf import settings
+from pydantic import TypeAdapter
+
+from chatui import layers
+from chatui.letta.assembly import Assembler, Completed, Delta, Failed, Stopped, Usage
+from chatui.letta.client import (
+    LettaClient,
+    LettaConnectionError,
+    LettaError,
+    LettaHTTPError,
+    LettaStream,
+    LettaTimeout,
+)
+from chatui.letta.schemas import ClientTool, GroupRequest, RequestMessage, StreamRequest
+from chatui.models import (
+    AgentLock,
+    ApprovalRequest,
+    Attachment,
+    Conversation,
+    Message,
+    TargetKind,
+    Turn,
+)
+
+log = logging.getLogger(__name__)
+
+# Stop reasons after which the turn did not do what was asked.
+FAILED_STOP_REASONS = {
+    "error",
+    "llm_api_error",
+    "invalid_llm_response",
+    "invalid_tool_call",
+    "insufficient_credits",
+    "context_window_overflow_in_system_prompt",
+}
+
+REQUEST_ITEM: TypeAdapter[Any] = TypeAdapter(RequestMessage)
+
+# The client-side tool chatui offers every agent: it asks the person a question. Letta
+# pauses the run and chatui shows the question as a form; the answer is the result.
+ASK_USER = ClientTool(
+    name="ask_user",
+    description=(
+        "Ask the person you are talking with a question and wait for their answer. Use it "
+        "when you need information or a choice only they can give."
+    ),
+    parameters={
+        "type": "object",
+        "properties": {"question": {"type": "string", "description": "The question to ask."}},
+        "required": ["question"],
+    },
+)
+
+APPROVALS_GROUP = "approvals"
+APPROVAL_PENDING_TEXT = (
+    "The agent is waiting for a decision on a tool call. Decide it, then send your message again."
+)
+
+# Letta servers (by base URL) that take only the legacy approval form, and those that
+# cannot run background streams (no Redis behind them).
+legacy_approvals: set[str] = set()
+no_background: set[str] = set()
+# Letta servers without the group stream route (everything after 0.11.7).
+no_group_stream: set[str] = set()
+# Letta servers that crash streaming an approval request token by token (0.11.7), and
+# which agents have tools that require approval (sent step by step there).
+no_token_approvals: set[str] = set()
+approval_agents: dict[str, bool] = {}
+
+# Turns running in this process, by conversation id.
+running: dict[int, TurnRun] = {}
+
+# While a burst from upstream is read without waiting, the runner steps aside this
+# often (seconds) so that flush timers fire, frames leave and other turns run.
+YIELD_INTERVAL = 0.002
+
+
+def control_group(conversation_id: int) -> str:
+    return f"conversation-{conversation_id}-turn"
+
+
+def agent_group(agent_id: str) -> str:
+    """Turns waiting for an agent's lock listen here for its release."""
+    return f"agent-{agent_id}"
+
+
+@dataclass
+class Outbox:
+    """Deltas waiting to be flushed, merged per message and field."""
+
+    deltas: dict[tuple, dict[str, Any]] = field(default_factory=dict)
+    last_flush: float = 0.0
+    scheduled: asyncio.TimerHandle | None = None
+
+    def add(self, delta: Delta, sender: str = "") -> None:
+        key = (delta.key, delta.field, delta.tool_call_id)
+        pending = self.deltas.get(key)
+        if pending is None:
+            self.deltas[key] = {
+                "key": Message.key_for(delta.message_type, delta.key[1]),
+                "kind": Message.kind_for(delta.message_type),
+                "field": delta.field,
+                "offset": delta.offset,
+                "text": delta.text,
+                "tool_call_id": delta.tool_call_id,
+                "name": delta.name,
+            }
+            if sender:  # who speaks, on a message's first piece (group members)
+                self.deltas[key]["sender"] = sender
+        else:
+            pending["text"] += delta.text
+            pending["name"] = pending["name"] or delta.name
+
+    def take(self) -> list[dict[str, Any]]:
+        deltas, self.deltas = list(self.deltas.values()), {}
+        return deltas
+
+
+class TurnRun:
+    """One turn streaming from Letta in this process."""
+
+    def __init__(self, turn: Turn, conversation: Conversation, *, taking_over: bool = False):
+        self.turn = turn
+        self.conversation = conversation
+        self.taking_over = taking_over
+        self.group = conversation.group_name
+        self.layer = get_channel_layer()
+        self.assembler = Assembler()
+        self.outbox = Outbox()
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        # Frames for sockets of other workers, sent through the channel layer by a task
+        # of their own so that Redis never holds up this process's sockets.
+        self.elsewhere: asyncio.Queue[str | None] = asyncio.Queue()
+        self.watched_elsewhere = False
+        # Frames of the messages stored so far: a snapshot carries them, for a socket
+        # that joined between its catch-up and this turn learning that it watches.
+        self.stored: list[dict[str, Any]] = []
+        self.prepared: StreamRequest | None = None  # the request, built with the lock
+        self.begun: bool | None = None  # begin()'s answer, when it ran before start()
+        self.released = False  # the agent's lock
+        self.stop_requested = False
+        self.stop_reason = ""
+        self.usage: dict[str, Any] = {}
+        self.error: tuple[str, str] | None = None  # (code, readable message)
+        # The stream broke in a way a background run can be re-attached after.
+        self.broken = False
+        self.sent = False  # the request went upstream
+        self.client: LettaClient | None = None
+        self.token_approval_crashed = False
+        self.results_checked = False
+        self.returned_calls: set[str] = set()  # tool calls whose result was stored
+        self.background = turn.background
+        self.run_id = turn.run_id
+        self.agent_free = asyncio.Event()
+        self.task: asyncio.Task | None = None
+        self.recording: asyncio.Task | None = None  # storing the run id
+        self.stream_task: asyncio.Task | None = None
+        self.flush_interval = settings.STREAM_FLUSH_INTERVAL
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> asyncio.Task:
+        running[self.conversation.pk] = self
+        # A fresh context: the caller's may be a request's sync-adapted one (the console's
+        # decide view), whose thread executor is gone once the request has answered.
+        self.task = asyncio.get_running_loop().create_task(
+            self.run(), name=f"turn-{self.turn.pk}", context=contextvars.Context()
+        )
+        return self.task
+
+    async def run(self) -> None:
+        """Stream the turn to its end, whatever happens to the sockets watching it."""
+        sender = asyncio.create_task(self.send_frames())
+        relay_elsewhere = asyncio.create_task(self.send_elsewhere())
+        self.control_channel = await self.layer.new_channel()
+        await self.layer.group_add(control_group(self.conversation.pk), self.control_channel)
+        control = asyncio.create_task(self.listen(self.control_channel))
+        # Sockets of other workers that join later say so when they ask for a snapshot.
+        try:
+            self.watched_elsewhere = await layers.watched_elsewhere(self.layer, self.group)
+        except Exception:
+            log.exception("turn %s: cannot tell who watches elsewhere", self.turn.pk)
+            self.watched_elsewhere = True
+        try:
+            self.stream_task = asyncio.create_task(self.stream())
+            try:
+                await self.stream_task
+            except asyncio.CancelledError:
+                if not self.stop_requested:
+                    raise
+            await self.finish()
+        except Exception:
+            log.exception("turn %s crashed", self.turn.pk)
+            self.error = ("internal", "chatui hit an internal error while relaying this reply.")
+            await self.finish()
+        finally:
+            control.cancel()
+            if not self.released:
+                await database_sync_to_async(AgentLock.release)(self.turn)
+            self.queue.put_nowait(None)
+            await sender
+            self.elsewhere.put_nowait(None)
+            await relay_elsewhere
+            with contextlib.suppress(Exception):  # logged by the layer; the turn is over
+                await self.layer.group_discard(
+                    control_group(self.conversation.pk), self.control_channel
+                )
+                await self.layer.group_send(agent_group(self.agent_id), {"type": "agent.released"})
+            if running.get(self.conversation.pk) is self:
+                del running[self.conversation.pk]
+
+    @property
+    def agent_id(self) -> str:
+        return self.conversation.target_id
+
+    def request(self) -> StreamRequest:
+        """The body to send: the turn's stored request item (with the images of its
+        message), its options, and the client-side tools chatui offers."""
+        item = self.turn.request
+        if self.turn.kind == Turn.Kind.APPROVAL and settings.LETTA_BASE_URL in legacy_approvals:
+            item = self.turn.legacy_approval_request() or item
+        if self.turn.kind == Turn.Kind.MESSAGE:
+            images = [a.as_content() for a in Attachment.objects.filter(message__turn=self.turn)]
+            if images:
+                text = [{"type": "text", "text": item["content"]}] if item["content"] else []
+                item = {**item, "content": text + images}
+        background = settings.LETTA_BACKGROUND and settings.LETTA_BASE_URL not in no_background
+        return StreamRequest(
+            messages=[REQUEST_ITEM.validate_python(item)],
+            stream_tokens=True,
+            include_pings=True,
+            background=background or None,
+            client_tools=[ASK_USER] if settings.OFFER_ASK_USER else None,
+            **self.turn.options,
+        )
+
+    async def stream(self) -> None:
+        try:
+            async with LettaClient.from_settings() as client:
+                await self.wait_for_agent()
+                self.client = client
+                try:
+                    if self.taking_over:
+                        await self.take_over(client)
+                    else:
+                        await self.send(client)
+                except LettaError as error:
+                    self.error = describe(error)
+                if self.error and self.might_wait_for_approval():
+                    try:
+                        await self.adopt_pending_approval(client)
+                    except LettaError as error:  # the first failure is the one to show
+                        log.warning("turn %s: history unreadable: %s", self.turn.pk, error)
+        except LettaError as error:
+            self.error = describe(error)
+
+    def might_wait_for_approval(self) -> bool:
+        """Whether a failed send may be Letta refusing because a tool call waits.
+
+        0.16.4 says so (CONFLICT); 0.11.7 answers a broken 500 or cuts the stream, so
+        any failure of a new message is a reason to look.
+        """
+        code = self.error[0] if self.error else ""
+        if code == "approval_pending":
+            return True
+        return (
+            self.turn.kind == Turn.Kind.MESSAGE
+            and self.conversation.target_kind == TargetKind.AGENT
+            and not self.stop_requested
+            and (
+                code.startswith("http_5") or code in ("connectionerror", "stream_ended", "upstream")
+            )
+        )
+
+    async def send(self, client: LettaClient) -> None:
+        if self.conversation.target_kind == TargetKind.GROUP:
+            await self.send_to_group(client)
+            return
+        request = self.prepared or await database_sync_to_async(self.request)()
+        if settings.LETTA_BASE_URL in no_token_approvals and await self.agent_asks_approval(client):
+            request = request.model_copy(update={"stream_tokens": False})
+        while True:  # each refusal that says what the server takes is answered once
+            self.sent, self.background = True, bool(request.background)
+            try:
+                await self.relay(client.stream_agent_message(self.agent_id, request))
+                break
+            except LettaHTTPError as error:
+                retry = await database_sync_to_async(self.fallback)(error, request)
+                if retry is None:
+                    raise
+                request = retry
+        if self.token_approval_crashed and request.stream_tokens:
+            await self.resend_without_tokens(client, request)
+            return
+        await self.reattach(client)
+
+    async def agent_asks_approval(self, client: LettaClient) -> bool:
+        """Whether the agent has a tool that requires approval (cached per agent)."""
+        if self.agent_id not in approval_agents:
+            agent = await client.get_agent(self.agent_id)
+            rules = agent.model_dump().get("tool_rules") or []
+            approval_agents[self.agent_id] = any(
+                isinstance(rule, dict) and rule.get("type") == "requires_approval" for rule in rules
+            )
+        return approval_agents[self.agent_id]
+
+    async def resend_without_tokens(self, client: LettaClient, request: StreamRequest) -> None:
+        """Letta 0.11.7 crashes when it streams an approval request token by token; its
+        agent never saw the crashed attempt. Forget what that attempt showed, ask again
+        in step mode (same otid), and send step mode to such agents from then on."""
+        no_token_approvals.add(settings.LETTA_BASE_URL)
+        approval_agents[self.agent_id] = True
+        log.info("%s cannot stream approvals token by token; asking again", settings.LETTA_BASE_URL)
+        retracted = await database_sync_to_async(self.turn.retract_streamed)()
+        if retracted:
+            self.stored = [frame for frame in self.stored if frame["id"] not in retracted]
+            self.queue.put_nowait({"type": "retract", "ids": retracted})
+        self.assembler = Assembler()
+        self.error, self.stop_reason, self.token_approval_crashed = None, "", False
+        request = request.model_copy(update={"stream_tokens": False})
+        await self.relay(client.stream_agent_message(self.agent_id, request))
+
+    async def send_to_group(self, client: LettaClient) -> None:
+        """Groups answer on their own endpoints: streamed where the server offers that
+        (Letta 0.11.7), else one JSON answer after all members spoke. Which one a
+        server has is learnt once, not tried on every send."""
+        request = self.prepared or await database_sync_to_async(self.request)()
+        request = request.model_copy(update={"background": None})
+        self.sent = True
+        if settings.LETTA_BASE_URL not in no_group_stream:
+            try:
+                await self.relay(client.stream_group_message(self.agent_id, request))
+                return
+            except LettaHTTPError as error:
+                if error.status not in (404, 405):
+                    raise
+                no_group_stream.add(settings.LETTA_BASE_URL)
+                log.info(
+                    "%s has no group stream; waiting for whole answers", settings.LETTA_BASE_URL
+                )
+        self.queue.put_nowait({"type": "turn", "turn": {**self.turn.as_frame(), "waiting": True}})
+        body = GroupRequest(**request.model_dump(include=set(GroupRequest.model_fields)))
+        response = await client.send_group_message(self.agent_id, body)
+        for message in response.messages:
+            await self.store(message)
+        if response.stop_reason is not None:
+            self.stop_reason = response.stop_reason.stop_reason
+        if response.usage is not None:
+            self.usage = response.usage.model_dump(mode="json", exclude_none=True)
+
+    async def relay(self, stream: LettaStream) -> None:
+        """Feed one upstream stream through the assembler to the browsers."""
+        try:
+            async with stream:
+                stepped_aside = time.monotonic()
+                async for event in stream:
+                    await self.handle(self.assembler.feed(event))
+                    if stream.run_id and stream.run_id != self.run_id:
+                        self.remember_run(stream.run_id)
+                    # Reading a burst does not wait for the network: let a frame just
+                    # made leave now, and flush timers and other turns run meanwhile.
+                    now = time.monotonic()
+                    if not self.queue.empty() or now - stepped_aside >= YIELD_INTERVAL:
+                        await asyncio.sleep(0)
+                        stepped_aside = time.monotonic()
+                if not stream.done and not self.stop_reason and not self.error:
+                    self.broken = True
+                    self.error = (
+                        "stream_ended",
+                        "The connection to the agent ended before the reply was complete.",
+                    )
+        except (LettaConnectionError, LettaTimeout) as error:
+            if not self.resumable:
+                raise
+            self.broken = True
+            self.error = describe(error)
+
+    def remember_run(self, run_id: str) -> None:
+        """Keep the run id at once (Stop and resume need it) and store it without
+        holding up the stream: under load the database thread has a queue, and tokens
+        waiting behind it reach nobody."""
+        self.run_id = run_id
+        self.turn.run_id, self.turn.background = run_id, self.background
+        previous, background = self.recording, self.background
+
+        async def record() -> None:
+            if previous is not None:
+                await previous
+            await database_sync_to_async(self.turn.record_run)(run_id, background=background)
+
+        self.recording = asyncio.create_task(record())
+
+    @property
+    def resumable(self) -> bool:
+        return bool(self.turn.background and self.run_id) and not self.stop_requested
+
+    async def reattach(self, client: LettaClient) -> None:
+        """A background run's stream broke: follow the run again from the last event
+        handled, a few times with a growing pause, before giving up."""
+        for attempt in range(settings.RESUME_ATTEMPTS):
+            if not (self.broken and self.resumable):
+                return
+            await asyncio.sleep(min(0.25 * 2**attempt, 4))
+            log.info(
+                "turn %s: resuming run %s after seq %s",
+                self.turn.pk,
+                self.run_id,
+                self.assembler.last_seq_id,
+            )
+            self.broken, self.error = False, None
+            await self.relay(client.resume_run(self.run_id, self.assembler.last_seq_id))
+
+    async def take_over(self, client: LettaClient) -> None:
+        """Finish a turn a dead worker was streaming: re-attach to a background run
+        after the last message stored, or read what the run produced from history."""
+        if not self.run_id:
+            self.error = (
+                "interrupted",
+                "chatui restarted before the agent answered. Retry to send the message again.",
+            )
+            return
+        if self.conversation.target_kind == TargetKind.GROUP:
+            self.error = (
+                "interrupted",
+                "chatui restarted while the group was answering. Retry to ask again.",
+            )
+            return
+        if self.turn.background:
+            durable = await database_sync_to_async(self.turn.durable_seq_id)()
+            self.assembler = Assembler(after_seq_id=durable)
+            self.broken = True
+            await self.reattach(client)
+            return
+        await self.recover_from_history(client)
+
+    async def recover_from_history(self, client: LettaClient) -> None:
+        """The run was not resumable: wait for it to end upstream, then store what it
+        produced from the agent's history (each message once)."""
+        deadline = time.monotonic() + settings.LETTA_READ_TIMEOUT
+        run = await client.get_run(self.run_id)
+        while run.status in ("created", "running") and time.monotonic() < deadline:
+            await asyncio.sleep(1)
+            run = await client.get_run(self.run_id)
+        async for message in client.iter_agent_messages(self.agent_id):
+            if message.run_id == self.run_id and message.message_type != "user_message":
+                await self.store(message)
+        self.stop_reason = run.stop_reason or ""
+        if run.status in ("cancelled",):
+            self.stop_reason = self.stop_reason or "cancelled"
+        elif run.status == "failed" and not self.stop_reason:
+            self.error = ("upstream", "The agent's run failed.")
+        elif not self.stop_reason:
+            self.stop_reason = "end_turn"
+
+    def fallback(self, error: LettaHTTPError, request: StreamRequest) -> StreamRequest | None:
+        """A second try at a refused send, where the refusal says what the server takes.
+
+        Without Redis, Letta answers a background request with 503: send in the
+        foreground. Letta 0.11.7 refuses the `approvals` list with 422 and takes only
+        the legacy approve/approval_request_id/reason form. Both are remembered for
+        the server, so later sends go the right way at once.
+        """
+        if request.background and (error.status == 503 or "ackground" in error.detail):
+            no_background.add(settings.LETTA_BASE_URL)
+            log.info("%s cannot run in the background; streaming directly", settings.LETTA_BASE_URL)
+            return request.model_copy(update={"background": None})
+        sent = request.messages[0]
+        if error.status != 422 or not getattr(sent, "approvals", None):
+            return None
+        legacy = self.turn.legacy_approval_request()
+        if legacy is None:
+            return None
+        legacy_approvals.add(settings.LETTA_BASE_URL)
+        log.info("%s takes only legacy approvals; using that form", settings.LETTA_BASE_URL)
+        return request.model_copy(update={"messages": [REQUEST_ITEM.validate_python(legacy)]})
+
+    async def adopt_pending_approval(self, client: LettaClient) -> None:
+        """Letta says (or seems to say) the agent waits for an approval chatui never saw,
+        asked elsewhere: find it in the newest history and show it here as a form."""
+        waiting = waiting_approval(
+            await client.list_agent_messages(self.agent_id, limit=100, order="desc")
+        )
+        if waiting is None:
+            return
+        call_ids = [call.tool_call_id for call in waiting.tool_calls or [waiting.tool_call] if call]
+        elsewhere = await database_sync_to_async(
+            ApprovalRequest.objects.filter(tool_call_id__in=call_ids)
+            .exclude(conversation=self.conversation)
+            .exists
+        )()
+        if elsewhere:
+            self.error = (
+                "approval_pending",
+                "The agent is waiting for a decision on a tool call in another conversation.",
+            )
+        else:
+            self.error = ("approval_pending", APPROVAL_PENDING_TEXT)
+            await self.store(waiting)
+
+    def begin(self) -> bool:
+        """Count the attempt and try the agent's lock: one trip to the database thread,
+        which every turn starting at once queues for."""
+        self.turn.mark_attempt()
+        return self.acquire()
+
+    def begin_early(self) -> None:
+        """begin() on the trip that stored the turn (sync code); on failure the runner
+        tries again itself, and fails the turn readably if it must."""
+        try:
+            self.begun = self.begin()
+        except Exception:
+            log.exception("turn %s: could not begin with its send", self.turn.pk)
+
+    def acquire(self) -> bool:
+        """Take the agent's lock and, with it, build the request to send."""
+        if not AgentLock.acquire(self.turn):
+            return False
+        if not self.taking_over:
+            self.prepared = self.request()
+        return True
+
+    async def wait_for_agent(self) -> None:
+        """Take the agent's lock; while another turn holds it, show this one queued."""
+        begun, self.begun = self.begun, None
+        if begun is None:
+            begun = await database_sync_to_async(self.begin)()
+        if begun:
+            return
+        queued = False
+        await self.layer.group_add(agent_group(self.agent_id), self.control_channel)
+        try:
+            while not await database_sync_to_async(self.acquire)():
+                if self.stop_requested:
+                    raise asyncio.CancelledError
+                if not queued:
+                    queued = True
+                    await database_sync_to_async(self.turn.set_status)(Turn.Status.QUEUED)
+                    self.queue.put_nowait({"type": "turn", "turn": self.turn.as_frame()})
+                self.agent_free.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.agent_free.wait(), settings.AGENT_LOCK_POLL)
+        finally:
+            await self.layer.group_discard(agent_group(self.agent_id), self.control_channel)
+        if queued:
+            await database_sync_to_async(self.turn.set_status)(Turn.Status.RUNNING)
+            self.queue.put_nowait({"type": "turn", "turn": self.turn.as_frame()})
+
+    async def finish(self) -> None:
+        """Persist whatever is still open (partial text is kept) and record the outcome."""
+        await self.handle(self.assembler.finish())
+        self.flush()
+        if self.stop_requested or self.stop_reason == "cancelled":
+            status = Turn.Status.CANCELLED
+        elif self.error or self.stop_reason in FAILED_STOP_REASONS:
+            status = Turn.Status.FAILED
+            if not self.error:
+                self.error = (
+                    "stop_reason",
+                    f"The agent stopped with an error ({self.stop_reason}).",
+                )
+        else:
+            status = Turn.Status.COMPLETED
+        code, text = self.error or ("", "")
+        if self.recording is not None:
+            await self.recording
+        await aclose_old_connections()
+        await database_sync_to_async(self.conclude)(
+            status, stop_reason=self.stop_reason, usage=self.usage, error=text, error_code=code
+        )
+        self.queue.put_nowait({"type": "turn", "turn": self.turn.as_frame()})
+
+    def conclude(self, status: str, **outcome: Any) -> None:
+        """Record the outcome and free the agent, in one trip to the database thread."""
+        self.turn.finish(status, **outcome)
+        AgentLock.release(self.turn)
+        self.released = True
+
+    # -- events from the assembler ----------------------------------------------------
+
+    async def handle(self, updates: list) -> None:
+        for update in updates:
+            if isinstance(update, Delta):
+                self.outbox.add(update, self.sender_of(update))
+                self.schedule_flush()
+            elif isinstance(update, Completed):
+                self.flush()
+                if self.awaits_decided_results(update.message):
+                    await self.store_unstreamed_results()
+                await self.store(update.message)
+            elif isinstance(update, Stopped):
+                self.stop_reason = update.reason
+            elif isinstance(update, Usage):
+                self.usage = update.usage.model_dump(mode="json", exclude_none=True)
+            elif isinstance(update, Failed):
+                detail = update.error.detail or update.error.message or "The agent failed."
+                if "CONFLICT" in detail and "approv" in detail:
+                    self.error = ("approval_pending", APPROVAL_PENDING_TEXT)
+                elif "requires_approval" in detail:
+                    # Letta 0.11.7 streaming an approval request token by token.
+                    self.token_approval_crashed = True
+                    self.error = ("upstream", detail)
+                else:
+                    self.error = ("upstream", detail)
+
+    def sender_of(self, delta: Delta) -> str:
+        """The speaker's name for a message's first text piece (only groups name it)."""
+        if (
+            delta.offset
+            or delta.field != "text"
+            or self.conversation.target_kind != TargetKind.GROUP
+        ):
+            return ""
+        opened = self.assembler.open_messages()
+        return (opened[0].name or "") if opened else ""
+
+    def awaits_decided_results(self, letta_message: Any) -> bool:
+        """The first message after a decision that is not a tool result: Letta 0.16.4
+        streams no result for a denied or answered call (only an approved call's), so
+        they are read from its history before the agent's answer is stored."""
+        if self.results_checked or self.turn.kind == Turn.Kind.MESSAGE:
+            return False
+        if letta_message.message_type == "tool_return_message":
+            return False
+        self.results_checked = True
+        return True
+
+    async def store_unstreamed_results(self) -> None:
+        decided = await database_sync_to_async(
+            lambda: set(self.turn.decisions.values_list("tool_call_id", flat=True))
+        )()
+        missing = decided - self.returned_calls
+        if not missing or self.client is None:
+            return
+        try:
+            recent = await self.client.list_agent_messages(self.agent_id, limit=50, order="desc")
+        except LettaError as error:
+            log.warning("turn %s: could not read unstreamed tool results: %s", self.turn.pk, error)
+            return
+        for message in recent:
+            if message.message_type == "tool_return_message" and message.tool_call_id in missing:
+                missing.discard(message.tool_call_id)
+                await self.store(message)
+
+    async def store(self, letta_message: Any) -> None:
+        """Persist a complete message; an approval request also becomes decidable."""
+        if letta_message.message_type == "tool_return_message":
+            self.returned_calls.update(returned_call_ids(letta_message))
+        frame, approvals = await database_sync_to_async(store_message)(self.turn, letta_message)
+        self.stored = [known for known in self.stored if known["id"] != frame["id"]] + [frame]
+        self.queue.put_nowait({"type": "message", "message": frame})
+        if approvals:
+            await announce_approvals(approvals)
+
+    def schedule_flush(self) -> None:
+        if self.outbox.scheduled is not None:
+            return
+        wait = self.outbox.last_flush + self.flush_interval - time.monotonic()
+        if wait <= 0:
+            self.flush()
+        else:
+            self.outbox.scheduled = asyncio.get_running_loop().call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        if self.outbox.scheduled is not None:
+            self.outbox.scheduled.cancel()
+            self.outbox.scheduled = None
+        deltas = self.outbox.take()
+        if deltas:
+            self.outbox.last_flush = time.monotonic()
+            self.queue.put_nowait({"type": "delta", "turn": self.turn.pk, "deltas": deltas})
+
+    async def send_frames(self) -> None:
+        """Send queued frames, in order, to every socket watching: encoded once, handed
+        to this process's sockets directly, and queued for other workers'."""
+        while (frame := await self.queue.get()) is not None:
+            text = json.dumps(frame)
+            await layers.deliver(self.group, text)
+            if self.watched_elsewhere:
+                self.elsewhere.put_nowait(text)
+
+    async def send_elsewhere(self) -> None:
+        """Send frames, in order, to sockets of other workers through the channel layer."""
+        while (text := await self.elsewhere.get()) is not None:
+            try:
+                await self.layer.group_send(self.group, layers.elsewhere(text))
+            except Exception:
+                # Those pages see the gap and sync; this turn goes on for everyone else.
+                log.exception("turn %s: a frame did not reach other workers", self.turn.pk)
+
+    # -- control from sockets on any worker ------------------------------------------
+
+    async def listen(self, channel: str) -> None:
+        """Stop, snapshot and agent-released messages, from sockets and turns anywhere."""
+        while True:
+            try:
+                event = await self.layer.receive(channel)
+            except Exception:
+                # A layer hiccup must not leave the turn deaf to Stop for good.
+                log.exception("turn %s: control channel failed; listening again", self.turn.pk)
+                await asyncio.sleep(0.5)
+                continue
+            if event.get("type") == "turn.stop":
+                await self.stop()
+            elif event.get("type") == "turn.snapshot":
+                if not layers.is_local(self.layer, event["reply_to"]):
+                    # Set before the snapshot is taken: nothing after it is missed there.
+                    self.watched_elsewhere = True
+                await self.layer.send(event["reply_to"], self.snapshot())
+            elif event.get("type") == "agent.released":
+                self.agent_free.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything streamed so far that is not yet a stored message."""
+        return {
+            "type": "conversation.snapshot",
+            "messages": self.stored,
+            "frame": {
+                "type": "snapshot",
+                "turn": self.turn.as_frame(),
+                "open": [Message.open_frame(m) for m in self.assembler.open_messages()],
+            },
+        }
+
+    async def stop(self) -> None:
+        """Cancel the run upstream; if the stream does not end soon, close it ourselves."""
+        if self.stop_requested:
+            return
+        self.stop_requested = True
+        self.queue.put_nowait({"type": "turn", "turn": {**self.turn.as_frame(), "stopping": True}})
+        if not self.sent:
+            if self.stream_task is not None:
+                self.stream_task.cancel()
+            return
+        # Groups have no cancel route: cancel what each member is running.
+        if self.conversation.target_kind == TargetKind.GROUP:
+            targets = [(member["id"], None) for member in self.conversation.members]
+        else:
+            targets = [(self.agent_id, [self.run_id] if self.run_id else None)]
+        async with LettaClient.from_settings() as client:
+            for agent_id, run_ids in targets:
+                try:
+                    await client.cancel_runs(agent_id, run_ids)
+                except LettaError as error:
+                    log.warning(
+                        "cancel for turn %s failed at %s: %s", self.turn.pk, agent_id, error
+                    )
+        if self.stream_task is not None and not self.stream_task.done():
+            loop = asyncio.get_running_loop()
+            loop.call_later(settings.STOP_GRACE_SECONDS, self.stream_task.cancel)
+
+
+def returned_call_ids(letta_message: Any) -> set[str]:
+    returns = getattr(letta_message, "tool_returns", None) or []
+    ids = {item.tool_call_id for item in returns if getattr(item, "tool_call_id", None)}
+    if getattr(letta_message, "tool_call_id", None):
+        ids.add(letta_message.tool_call_id)
+    return ids
+
+
+def waiting_approval(messages: list[Any]) -> Any | None:
+    """The newest approval request in a page of history that nothing answered yet (no
+    approval response naming it, no tool result for it), whatever the page's order."""
+    answered: set[str] = set()
+    for message in messages:
+        if message.message_type == "approval_response_message":
+            data = message.model_dump()
+            answered.update(item.get("tool_call_id") for item in data.get("approvals") or [])
+            answered.add(data.get("approval_request_id"))
+        elif message.message_type == "tool_return_message":
+            answered.update(returned_call_ids(message))
+    waiting = [
+        message
+        for message in messages
+        if message.message_type == "approval_request_message"
+        and message.id not in answered
+        and not {call.tool_call_id for call in message.tool_calls or [message.tool_call] if call}
+        & answered
+    ]
+    return max(waiting, key=lambda m: (m.date is not None, m.date, m.id or ""), default=None)
+
+
+def store_message(turn: Turn, letta_message: Any) -> tuple[dict[str, Any], list[int]]:
+    """Persist a complete message and render its frame, both off the event loop.
+
+    Returns the frame and the ids of approval requests it created.
+    """
+    message = Message.store(turn, letta_message)
+    created = []
+    if message.kind == Message.Kind.APPROVAL_REQUEST:
+        questions = frozenset({ASK_USER.name}) if settings.OFFER_ASK_USER else frozenset()
+        created = [r.pk for r in ApprovalRequest.record(message, questions=questions)]
+    return message.as_frame(), created
+
+
+async def publish_decision(request: ApprovalRequest, turn: Turn | None) -> None:
+    """Show a decision to everyone watching, and when it completes its set, send the set
+    upstream in a new turn that streams like any other."""
+    layer = get_channel_layer()
+    conversation = await database_sync_to_async(lambda: request.conversation)()
+    frame = await database_sync_to_async(request.as_frame)()
+    await layers.broadcast(layer, conversation.group_name, {"type": "approval", "approval": frame})
+    await announce_approvals([request.pk], "decided")
+    if turn is not None:
+        await layers.broadcast(
+            layer, conversation.group_name, {"type": "turn", "turn": turn.as_frame()}
+        )
+        await start_turn(turn, conversation)
+
+
+async def announce_approvals(request_ids: list[int], action: str = "added") -> None:
+    """Tell every approval console that requests arrived or were decided."""
+    await get_channel_layer().group_send(
+        APPROVALS_GROUP, {"type": "approvals.changed", "ids": request_ids, "action": action}
+    )
+
+
+def describe(error: LettaError) -> tuple[str, str]:
+    """A readable sentence for an upstream failure, and a short code."""
+    if isinstance(error, LettaTimeout):
+        return "timeout", "The agent took too long to answer."
+    if isinstance(error, LettaHTTPError):
+        if error.status == 404:
+            return "not_found", f"The agent was not found upstream: {error.detail}"
+        if error.status == 429:
+            return "rate_limited", f"The agent server is busy (429): {error.detail}"
+        return f"http_{error.status}", f"The agent server answered {error.status}: {error.detail}"
+    code = type(error).__name__.removeprefix("Letta").lower()
+    return code or "upstream", error.detail or str(error)
+
+
+async def start_turn(turn: Turn, conversation: Conversation, run: TurnRun | None = None) -> TurnRun:
+    """Run a turn in this process (`run`: one made, and perhaps begun, beforehand)."""
+    run = run or TurnRun(turn, conversation)
+    run.start()
+    return run
+
+
+async def stop_turn(conversation_id: int) -> None:
+    await get_channel_layer().group_send(control_group(conversation_id), {"type": "turn.stop"})
+
+
+async def request_snapshot(conversation_id: int, reply_to: str) -> None:
+    await get_channel_layer().group_send(
+        control_group(conversation_id), {"type": "turn.snapshot", "reply_to": reply_to}
+    )

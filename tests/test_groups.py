@@ -1,0 +1,157 @@
+"""Group conversations against the demo upstream's group of two agents."""
+
+from __future__ import annotations
+
+import pytest
+from channels.db import database_sync_to_async
+
+from chatui import turns
+from chatui.demo.agents import GROUPS, Ada, Lin
+from chatui.models import Conversation, Message, TargetKind, Turn
+from tests.test_consumers import (
+    connect,
+    receive_until,
+    send,
+    turn_ended,
+    upstream_requests,
+    wait_for_runner,
+)
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+
+GROUP_ID = GROUPS[0].id
+MEMBERS = [{"id": Ada().id, "name": Ada().name}, {"id": Lin().id, "name": Lin().name}]
+
+
+@pytest.fixture
+def group_chat(db, demo, user):
+    return Conversation.objects.create(
+        owner=user,
+        target_kind=TargetKind.GROUP,
+        target_id=GROUP_ID,
+        target_name="Demo · Duo",
+        members=MEMBERS,
+    )
+
+
+async def stored(chat):
+    return await database_sync_to_async(
+        lambda: list(
+            Message.objects.filter(conversation=chat)
+            .order_by("pk")
+            .values_list("kind", "sender", "sender_id")
+        )
+    )()
+
+
+async def test_a_group_turn_streams_every_members_answer_with_its_name(
+    group_chat, user_cookie, demo
+):
+    communicator, _, _ = await connect(group_chat, cookie=user_cookie)
+    await send(communicator, "hello both of you", otid="otid-group-00001")
+    frames = await receive_until(communicator, turn_ended)
+    assert frames[-1]["turn"]["status"] == "completed"
+    assert frames[-1]["turn"]["usage"]["step_count"] == 2
+    await wait_for_runner(group_chat)
+    answers = [(s, i) for kind, s, i in await stored(group_chat) if kind == "assistant"]
+    assert answers == [(m["name"], m["id"]) for m in MEMBERS]
+    [request] = upstream_requests(demo, f"/v1/groups/{GROUP_ID}/messages/stream")
+    assert request["json"]["messages"][0]["otid"] == "otid-group-00001"
+    assert "background" not in request["json"]
+    assert 'class="msg-sender"' in next(
+        f["message"]["html"]
+        for f in frames
+        if f["type"] == "message" and f["message"]["kind"] == "assistant"
+    )
+    await communicator.disconnect()
+
+
+async def test_without_a_group_stream_chatui_waits_for_the_whole_answer_once_learnt(
+    group_chat, user_cookie, demo
+):
+    demo.config(group_stream=False)
+    communicator, _, _ = await connect(group_chat, cookie=user_cookie)
+    for text in ("first", "second"):
+        await send(communicator, text)
+        frames = await receive_until(communicator, turn_ended)
+        assert frames[-1]["turn"]["status"] == "completed"
+        assert any(f["type"] == "turn" and f["turn"].get("waiting") for f in frames)
+        await wait_for_runner(group_chat)
+    streamed = upstream_requests(demo, "/messages/stream")
+    whole = [
+        r
+        for r in upstream_requests(demo, f"/v1/groups/{GROUP_ID}/messages")
+        if r["path"].endswith("/messages")
+    ]
+    assert len(streamed) == 1  # tried once; this server has no group stream
+    assert len(whole) == 2
+    answers = [s for kind, s, _ in await stored(group_chat) if kind == "assistant"]
+    assert answers == [m["name"] for m in MEMBERS] * 2
+    await communicator.disconnect()
+
+
+async def test_a_group_error_is_stored_and_retried_with_the_same_otid(
+    group_chat, user_cookie, demo
+):
+    demo.fault(mode="http_status", status=500, path="/groups/", count=1)
+    communicator, _, _ = await connect(group_chat, cookie=user_cookie)
+    await send(communicator, "hi", otid="otid-group-retry1")
+    failed = (await receive_until(communicator, turn_ended))[-1]["turn"]
+    assert (failed["status"], failed["error_code"]) == ("failed", "http_500")
+    await wait_for_runner(group_chat)
+    await communicator.send_json_to({"type": "retry", "turn": failed["id"]})
+    frames = await receive_until(communicator, turn_ended)
+    assert frames[-1]["turn"]["status"] == "completed"
+    otids = [r["json"]["messages"][0]["otid"] for r in upstream_requests(demo, "/groups/")]
+    assert otids == ["otid-group-retry1", "otid-group-retry1"]
+    await communicator.disconnect()
+
+
+async def test_stop_cancels_each_members_runs(group_chat, user_cookie, demo):
+    communicator, _, _ = await connect(group_chat, cookie=user_cookie)
+    await send(communicator, "/slow talk slowly")
+    await receive_until(communicator, lambda f: f["type"] == "delta")
+    await communicator.send_json_to({"type": "stop"})
+    frames = await receive_until(communicator, turn_ended)
+    assert frames[-1]["turn"]["status"] == "cancelled"
+    await wait_for_runner(group_chat)
+    cancelled = {r["path"] for r in upstream_requests(demo, "/messages/cancel")}
+    assert cancelled == {f"/v1/agents/{m['id']}/messages/cancel" for m in MEMBERS}
+    turn = await database_sync_to_async(Turn.objects.get)(conversation=group_chat)
+    assert turn.status == "cancelled"
+    assert turns.no_group_stream == set()
+    await communicator.disconnect()
+
+
+async def test_an_approval_inside_a_groups_answer_is_decided_with_the_group_id(
+    group_chat, user_cookie, demo
+):
+    from chatui.models import ApprovalRequest
+
+    communicator, _, _ = await connect(group_chat, cookie=user_cookie)
+    await send(communicator, '/tool restart_service {"service": "web", "reason": "stuck"}')
+    frames = await receive_until(communicator, turn_ended)
+    assert frames[-1]["turn"]["stop_reason"] == "requires_approval"
+    await wait_for_runner(group_chat)
+    [request] = await database_sync_to_async(list)(
+        ApprovalRequest.objects.filter(conversation=group_chat)
+    )
+    asked = await database_sync_to_async(lambda: request.message.sender)()
+    assert asked == MEMBERS[0]["name"]
+
+    await communicator.send_json_to(
+        {"type": "decide", "approval": request.pk, "decision": "approve"}
+    )
+    frames = await receive_until(communicator, turn_ended)
+    assert frames[-1]["turn"]["status"] == "completed"
+    await wait_for_runner(group_chat)
+    decision = upstream_requests(demo, f"/v1/groups/{GROUP_ID}/messages")[-1]["json"]["messages"][0]
+    assert decision["type"] == "approval" and decision["group_id"] == GROUP_ID
+    assert decision["approvals"][0]["approve"] is True
+    rows = await stored(group_chat)
+    after_decision = [
+        kind for kind, _, _ in rows[[k for k, _, _ in rows].index("approval_request") + 1 :]
+    ]
+    assert after_decision[0] == "tool_return" and after_decision[-1] == "assistant"
+    assert rows[-1][1] == MEMBERS[0]["name"]  # the member who asked goes on
+    await communicator.disconnect()
