@@ -1,0 +1,128 @@
+"""The team's approval console: every pending tool call a person may decide, across
+all conversations, and the record of decisions made.
+
+Deciding posts a CSRF-protected form; the view is async because a decision that
+completes its set starts the turn carrying it upstream, and that turn must run on the
+server's event loop, not in a request thread.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404, render
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
+from django.views.decorators.http import require_POST
+
+from chatui import turns
+from chatui.forms import DecisionForm
+from chatui.models import (
+    AlreadyDecided,
+    ApprovalRequest,
+    DecisionNotAllowed,
+    Message,
+    TurnActive,
+)
+
+CONTEXT_MESSAGES = 4
+
+
+def pending_for(user: Any) -> QuerySet[ApprovalRequest]:
+    return ApprovalRequest.decidable_by(user).filter(state=ApprovalRequest.State.PENDING)
+
+
+def with_context(requests: QuerySet[ApprovalRequest]) -> list[ApprovalRequest]:
+    """Requests with their conversation and its last few messages, in a fixed number of
+    queries."""
+    requests = list(requests.select_related("conversation__owner", "decided_by"))
+    conversation_ids = {request.conversation_id for request in requests}
+    recent: dict[int, list[Message]] = {}
+    for conversation_id in conversation_ids:
+        latest = Message.objects.filter(
+            conversation_id=conversation_id,
+            kind__in=[Message.Kind.USER, Message.Kind.ASSISTANT],
+        ).order_by("-pk")[:CONTEXT_MESSAGES]
+        recent[conversation_id] = list(reversed(latest))
+    for request in requests:
+        request.context_messages = recent.get(request.conversation_id, [])
+    return requests
+
+
+@login_required
+def console(request: HttpRequest) -> HttpResponse:
+    """Pending requests, newest first; new ones arrive live over ws/approvals/."""
+    pending = with_context(pending_for(request.user).order_by("-created_at")[:200])
+    return render(request, "approvals/console.html", {"approvals": pending})
+
+
+@login_required
+def history(request: HttpRequest) -> HttpResponse:
+    """Decisions made, newest first: who, when, what and why."""
+    decided = (
+        ApprovalRequest.decidable_by(request.user)
+        .filter(state__in=ApprovalRequest.FINAL_STATES)
+        .select_related("conversation__owner", "decided_by")
+        .order_by("-decided_at")[:200]
+    )
+    return render(request, "approvals/history.html", {"approvals": decided})
+
+
+def console_card(request: HttpRequest, approval: ApprovalRequest) -> str:
+    from django.template.loader import render_to_string
+
+    [approval] = with_context(ApprovalRequest.objects.filter(pk=approval.pk))
+    return render_to_string("approvals/_card.html", {"approval": approval}, request=request)
+
+
+@require_POST
+async def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
+    """Approve, deny or answer one request from a form (the console, or the chat
+    without JavaScript)."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return HttpResponseRedirect(f"{reverse('login')}?next={request.path}")
+    approval = await sync_to_async(get_object_or_404)(
+        ApprovalRequest.objects.select_related("conversation", "decided_by"), pk=approval_id
+    )
+    if not await sync_to_async(approval.may_be_decided_by)(user):
+        raise PermissionDenied("You may not decide this request.")
+    form = DecisionForm(request.POST)
+    if not await sync_to_async(form.is_valid)():
+        for errors in form.errors.values():
+            for error in errors:
+                await sync_to_async(messages.error)(request, error)
+        return redirect_back(request)
+    try:
+        turn = await sync_to_async(approval.decide)(user, **form.cleaned_data)
+    except DecisionNotAllowed as refused:
+        raise PermissionDenied(str(refused)) from refused
+    except (AlreadyDecided, TurnActive) as error:
+        await sync_to_async(messages.warning)(request, str(error))
+        return redirect_back(request)
+    await turns.publish_decision(approval, turn)
+    await sync_to_async(messages.success)(
+        request, f"{approval.tool_name}: {approval.get_state_display().lower()}."
+    )
+    return redirect_back(request)
+
+
+def redirect_back(request: HttpRequest) -> HttpResponse:
+    target = request.POST.get("next") or request.headers.get("referer") or reverse("approvals")
+    if not url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
+        target = reverse("approvals")
+    return HttpResponseRedirect(target)
+
+
+def pending_count(request: HttpRequest) -> dict[str, Any]:
+    """Template context: how many requests wait for this user (for the navigation)."""
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return {}
+    return {"pending_approvals": pending_for(user).count()}

@@ -1,0 +1,201 @@
+"""Template tags for the pages: agent text, tool data, ids, times, approvals, groups."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+from django import template
+from django.conf import settings
+from django.utils import timezone
+from django.utils.safestring import SafeString
+from django.utils.timesince import timesince
+
+from chatui import rendering
+
+register = template.Library()
+
+# Group members are told apart by colour: this many, defined in chat.css (.sender-1…).
+PALETTE = 6
+
+
+@register.filter
+def markdown(text: str) -> SafeString:
+    """Agent-written markdown as sanitised HTML (see chatui.rendering)."""
+    return rendering.render_markdown(text)
+
+
+@register.filter
+def pretty_json(value: Any) -> SafeString:
+    """Tool arguments or results, indented and escaped; put it inside <pre>."""
+    return rendering.render_json(value)
+
+
+@register.filter
+def short_id(value: str) -> str:
+    """`agent-1f0c…` ids are long; the tail tells them apart (demo ids share a head)."""
+    prefix, _, rest = (value or "").partition("-")
+    if not rest or len(rest) <= 12:
+        return value
+    return f"{prefix}-…{rest[-8:]}"
+
+
+@register.filter
+def ago(value: datetime | None) -> str:
+    """'just now', '5 minutes ago', '3 days ago': one unit is enough in a list."""
+    if value is None:
+        return ""
+    if (timezone.now() - value).total_seconds() < 60:
+        return "just now"
+    return f"{timesince(value, depth=1)} ago"
+
+
+@register.filter
+def token_count(usage: dict | None) -> str:
+    """'1,234 tokens' from a turn's usage, or '' when Letta reported none."""
+    total = (usage or {}).get("total_tokens")
+    if not isinstance(total, int):
+        return ""
+    return f"{total:,} token{'' if total == 1 else 's'}"
+
+
+@register.filter
+def usage_details(usage: dict | None) -> str:
+    """Every usage figure Letta sent, for a tooltip."""
+    return ", ".join(
+        f"{key.replace('_', ' ')}: {value:,}"
+        for key, value in (usage or {}).items()
+        if isinstance(value, int) and not isinstance(value, bool)
+    )
+
+
+@register.filter
+def duration(turn: Any) -> str:
+    """How long a finished turn took, e.g. '4.2 s' or '1 min 5 s'."""
+    if not getattr(turn, "finished_at", None):
+        return ""
+    seconds = max(0.0, (turn.finished_at - turn.created_at).total_seconds())
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+@register.simple_tag
+def demo_upstream() -> bool:
+    """Whether chatui talks to its built-in demo upstream (which the page must label)."""
+    return settings.DEMO_UPSTREAM
+
+
+# The sidebar lists this many recent conversations; older ones stay reachable by URL.
+SIDEBAR_SIZE = 200
+
+
+@register.simple_tag(takes_context=True)
+def conversation_list(context: template.Context) -> Any:
+    """The signed-in person's recent conversations, for the sidebar of every page."""
+    user = context.get("user")
+    if user is None or not user.is_authenticated:
+        return []
+    return user.conversations.only("id", "title", "target_name", "updated_at")[:SIDEBAR_SIZE]
+
+
+@register.simple_tag(takes_context=True)
+def shows_approvals(context: template.Context) -> bool:
+    """Whether the navigation offers the approval console: to anyone who may decide
+    something (a request waits, they hold the permission, or they decided before)."""
+    from chatui.models import ApprovalRequest
+
+    user = context.get("user")
+    if user is None or not user.is_authenticated:
+        return False
+    if context.get("pending_approvals") or user.has_perm("chatui.decide_approvalrequest"):
+        return True
+    return ApprovalRequest.decidable_by(user).exists()
+
+
+@register.filter
+def approvals_of(message: Any) -> list[Any]:
+    """The approval requests an approval_request message carried, in call order
+    (prefetched by the page, as `approval_list` or plainly; queried for a live frame)."""
+    if message.kind != "approval_request":
+        return []
+    found = getattr(message, "approval_list", None)
+    if found is None:
+        found = sorted(message.approval_requests.all(), key=lambda approval: approval.pk)
+    return found
+
+
+@register.filter
+def question_ids(approvals: list[Any]) -> set[str]:
+    """The tool call ids among these requests that are questions for the person."""
+    return {approval.tool_call_id for approval in approvals if approval.kind == "question"}
+
+
+@register.filter
+def images(message: Any) -> list[Any]:
+    """The images attached to a message, from the page's prefetch when it made one;
+    otherwise (a live frame) queried without their bytes."""
+    found = getattr(message, "image_list", None)
+    if found is not None:
+        return found
+    if "attachments" in getattr(message, "_prefetched_objects_cache", {}):
+        return list(message.attachments.all())
+    return list(message.attachments.defer("data"))
+
+
+@register.filter
+def tool_argument(arguments: str, key: str) -> str:
+    """One argument of a tool call (e.g. the question of ask_user), as text."""
+    try:
+        value = json.loads(arguments or "")
+    except ValueError:
+        return ""
+    found = value.get(key) if isinstance(value, dict) else None
+    return found if isinstance(found, str) else ""
+
+
+@register.filter
+def sender_colour(message: Any) -> int:
+    """Which palette colour marks this group member's messages (0: none).
+
+    Members keep the place the group listed them in, so each keeps its colour for the
+    whole conversation; Letta names a member's messages but may leave sender_id empty.
+    """
+    if not message.sender or message.kind == "user":
+        return 0
+    members = message.conversation.members or []
+    for n, member in enumerate(members):
+        if (message.sender_id and member.get("id") == message.sender_id) or (
+            member.get("name") == message.sender
+        ):
+            return n % PALETTE + 1
+    return 0
+
+
+@register.filter
+def join_names(members: list[Any]) -> str:
+    """'Ada', 'Ada and Lin', 'Ada, Lin and Sam' (members are names or {"name": ...})."""
+    names = [m.get("name", "") if isinstance(m, dict) else str(m) for m in members or []]
+    if len(names) <= 1:
+        return "".join(names)
+    return f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+@register.filter
+def options_summary(options: dict[str, Any] | None) -> str:
+    """A conversation's reply settings in a few words, for the menu."""
+    options = options or {}
+    parts = []
+    if options.get("override_model"):
+        parts.append(f"Model {options['override_model']}")
+    if options.get("max_steps"):
+        steps = options["max_steps"]
+        parts.append(f"at most {steps} step{'' if steps == 1 else 's'}")
+    if "enable_thinking" in options:
+        on = str(options["enable_thinking"]).lower() == "true"
+        parts.append("thinking on" if on else "thinking off")
+    if "include_return_message_types" in options:
+        parts.append("some message types hidden")
+    text = ", ".join(parts)
+    return text[:1].upper() + text[1:] if text else "The agent's defaults"

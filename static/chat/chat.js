@@ -1,0 +1,1367 @@
+/* chatui in the browser: the drawer, local times and the approvals count on every
+ * page; the live approval console; and on a conversation page the live socket (see
+ * "The websocket protocol" in README.md), decisions, images and feedback.
+ *
+ * Server-rendered HTML is the source of truth: stored messages arrive as HTML the
+ * server rendered with the same template as the page. Only text that is still
+ * streaming is rendered here, as markdown through markdown-it (html: false) and then
+ * DOMPurify, or as plain text (tool arguments). No inline scripts or styles, so the
+ * page works under a strict Content-Security-Policy.
+ */
+(function () {
+  "use strict";
+
+  const ACTIVE = new Set(["queued", "running"]);
+  const TOOL_KINDS = new Set(["tool_call", "approval_request"]);
+  const RECONNECT_DELAYS = [500, 1000, 2000, 4000, 8000, 15000];
+  // How long a running turn may stay quiet before the page syncs again (ms), at first
+  // and at most.
+  const QUIET_RESYNC = 5000;
+  const QUIET_RESYNC_MAX = 60000;
+  // Error codes answering a stop, retry or decision, never a send.
+  const NOT_ABOUT_SENDING = new Set([
+    "not_retryable",
+    "not_found",
+    "forbidden",
+    "already_decided",
+    "unknown_type",
+  ]);
+  // Error codes that answer a decision sent from an approval form.
+  const ABOUT_DECIDING = new Set(["not_found", "forbidden", "already_decided", "bad_frame", "turn_active"]);
+  const CLOSE_ICON = '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M6 6l12 12M18 6L6 18"/></svg>';
+
+  // ---- small DOM helpers ------------------------------------------------------
+
+  function element(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined) node.textContent = text;
+    return node;
+  }
+
+  function parseHTML(html) {
+    const template = document.createElement("template");
+    template.innerHTML = html;
+    return template.content;
+  }
+
+  function attr(value) {
+    return CSS.escape(String(value));
+  }
+
+  function csrfToken() {
+    const input = document.querySelector("input[name=csrfmiddlewaretoken]");
+    if (input && input.value) return input.value;
+    const cookie = document.cookie.split("; ").find((item) => item.startsWith("csrftoken="));
+    return cookie ? decodeURIComponent(cookie.slice("csrftoken=".length)) : "";
+  }
+
+  function socketUrl(path) {
+    const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
+    return `${scheme}//${window.location.host}${path}`;
+  }
+
+  function megabytes(bytes) {
+    return `${Math.round((bytes / (1024 * 1024)) * 10) / 10} MB`;
+  }
+
+  // ---- every page: local times, the drawer, confirmations --------------------
+
+  function localTimes(root) {
+    const today = new Date().toDateString();
+    const selector = ".msg-meta time[datetime], time.turn-time[datetime], time[data-local][datetime]";
+    root.querySelectorAll(selector).forEach((node) => {
+      const when = new Date(node.getAttribute("datetime"));
+      if (Number.isNaN(when.getTime())) return;
+      const clock = when.toLocaleTimeString([], { hour: "numeric", minute: "2-digit" });
+      node.textContent =
+        when.toDateString() === today
+          ? clock
+          : `${when.toLocaleDateString([], { month: "short", day: "numeric" })}, ${clock}`;
+      node.title = node.title || when.toLocaleString();
+    });
+  }
+
+  function setupDrawer() {
+    const app = document.querySelector("[data-app]");
+    if (!app) return;
+    const toggles = document.querySelectorAll("[data-drawer-toggle]");
+    const backdrop = app.querySelector(".backdrop");
+    const sidebar = document.getElementById("sidebar");
+
+    function set(open) {
+      app.classList.toggle("drawer-open", open);
+      if (backdrop) backdrop.hidden = !open;
+      toggles.forEach((button) => button.setAttribute("aria-expanded", String(open)));
+      if (open) {
+        const current = sidebar.querySelector(".is-current") || sidebar.querySelector("a");
+        if (current) current.focus();
+      }
+    }
+    toggles.forEach((button) =>
+      button.addEventListener("click", () => set(!app.classList.contains("drawer-open"))),
+    );
+    app.querySelectorAll("[data-drawer-close]").forEach((node) =>
+      node.addEventListener("click", () => set(false)),
+    );
+    document.addEventListener("keydown", (event) => {
+      if (event.key !== "Escape" || !app.classList.contains("drawer-open")) return;
+      // Handled: Esc closes the drawer and does nothing else (it also stops replies).
+      event.preventDefault();
+      set(false);
+      if (toggles[0]) toggles[0].focus();
+    });
+  }
+
+  function setupConfirms() {
+    document.addEventListener("submit", (event) => {
+      const form = event.target.closest("form[data-confirm]");
+      if (form && !window.confirm(form.dataset.confirm)) event.preventDefault();
+    });
+  }
+
+  // ---- every page with the Approvals entry: the live count, and the console ----
+
+  function ApprovalsFeed() {
+    const counts = document.querySelectorAll("[data-pending-count]");
+    const consolePage = document.querySelector("[data-console]");
+    if (!counts.length && !consolePage) return;
+    const list = consolePage && consolePage.querySelector("[data-approval-list]");
+    const empty = consolePage && consolePage.querySelector("[data-console-empty]");
+    const heading = document.querySelector("[data-console-count]");
+    let attempt = 0;
+
+    function setCount(pending) {
+      counts.forEach((node) => {
+        const changed = node.textContent !== String(pending);
+        node.textContent = String(pending);
+        node.hidden = !pending;
+        if (changed && pending) {
+          node.classList.remove("is-bumped");
+          void node.offsetWidth; // restart the animation
+          node.classList.add("is-bumped");
+        }
+      });
+      if (heading) {
+        heading.textContent = pending ? `${pending} waiting for a decision` : "Nothing is waiting";
+      }
+    }
+
+    // Cards that arrive live were rendered without this page's CSRF token.
+    function arm(card) {
+      card.querySelectorAll("form[method=post]").forEach((form) => {
+        if (form.querySelector("input[name=csrfmiddlewaretoken]")) return;
+        const token = element("input");
+        token.type = "hidden";
+        token.name = "csrfmiddlewaretoken";
+        token.value = consolePage.dataset.csrf || csrfToken();
+        form.prepend(token);
+      });
+      localTimes(card);
+    }
+
+    function added(frame) {
+      if (!list || list.querySelector(`[data-approval-card="${attr(frame.id)}"]`)) return;
+      const card = parseHTML(frame.html).firstElementChild;
+      if (!card) return;
+      arm(card);
+      card.classList.add("is-new");
+      list.prepend(card);
+      if (empty) empty.hidden = true;
+    }
+
+    function decided(frame) {
+      const card = list && list.querySelector(`[data-approval-card="${attr(frame.id)}"]`);
+      if (!card || card.classList.contains("is-decided")) return;
+      const record = parseHTML(frame.html).querySelector(".approval-record");
+      const note = element("div", "approval-card-done");
+      if (record) note.append(record);
+      else note.textContent = `Decided by ${frame.by || "someone"}.`;
+      localTimes(note);
+      card.classList.add("is-decided");
+      card.replaceChildren(note);
+      window.setTimeout(() => {
+        card.classList.add("is-leaving");
+        window.setTimeout(() => {
+          card.remove();
+          if (empty && !list.children.length) empty.hidden = false;
+        }, 400);
+      }, 4000);
+    }
+
+    if (consolePage) consolePage.querySelectorAll("[data-approval-card]").forEach(arm);
+
+    function connect() {
+      const ws = new WebSocket(socketUrl("/ws/approvals/"));
+      ws.addEventListener("open", () => {
+        attempt = 0;
+      });
+      ws.addEventListener("message", (event) => {
+        let frame;
+        try {
+          frame = JSON.parse(event.data);
+        } catch {
+          return;
+        }
+        if (frame.type === "approval.count") setCount(frame.pending);
+        else if (frame.type === "approval.added") added(frame);
+        else if (frame.type === "approval.decided") decided(frame);
+      });
+      ws.addEventListener("close", (event) => {
+        if (event.code === 4401) return;
+        const delay = RECONNECT_DELAYS[Math.min(attempt, RECONNECT_DELAYS.length - 1)];
+        attempt += 1;
+        window.setTimeout(connect, delay + Math.random() * delay * 0.3);
+      });
+    }
+    connect();
+  }
+
+  // ---- markdown for text that is still streaming -----------------------------
+
+  function markdownRenderer() {
+    if (!window.markdownit || !window.DOMPurify) return null;
+    const md = window.markdownit({ html: false, linkify: true, typographer: false });
+    const purify = window.DOMPurify;
+    purify.addHook("afterSanitizeAttributes", (node) => {
+      if (node.tagName === "A") node.setAttribute("rel", "noopener noreferrer nofollow");
+    });
+    return (text) =>
+      purify.sanitize(md.render(text), {
+        FORBID_TAGS: ["style", "form", "input", "button", "textarea", "select"],
+        FORBID_ATTR: ["style"],
+      });
+  }
+
+  function otid() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    // crypto.randomUUID needs a secure context; getRandomValues does not.
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+  }
+
+  // ---- the conversation page --------------------------------------------------
+
+  function Conversation(config) {
+    const transcript = document.querySelector("[data-transcript]");
+    const scroller = document.querySelector("[data-transcript-scroll]");
+    const pendingArea = document.querySelector("[data-pending]");
+    const form = document.querySelector("[data-composer]");
+    const textarea = document.querySelector("[data-composer-text]");
+    const sendButton = document.querySelector("[data-send]");
+    const stopButton = document.querySelector("[data-stop]");
+    const jumpButton = document.querySelector("[data-jump]");
+    const toasts = document.querySelector("[data-toasts]");
+    const connection = document.querySelector("[data-connection]");
+    const announcer = document.querySelector("[data-announcer]");
+    const title = document.querySelector("[data-conversation-title]");
+    const menu = document.querySelector("[data-menu]");
+    const tray = document.querySelector("[data-attachments]");
+    const attachButton = document.querySelector("[data-attach]");
+    const fileInput = document.querySelector("[data-attach-input]");
+    const dropZone = document.querySelector("[data-drop-zone]");
+    const dialog = document.querySelector("[data-options-dialog]");
+    const main = document.querySelector(".main");
+    const renderMarkdown = markdownRenderer();
+    const members = config.members || [];
+
+    // key -> {el, kind, turn, text, body, calls: Map(tool_call_id -> {text, name, el, pre})}
+    const streams = new Map();
+    // otid -> {text, images, el, sent}
+    const pending = new Map();
+    // Images attached in the composer: {id, file, url, el, uploading}
+    let attached = [];
+    // The approval form whose decision went out and awaits an answer.
+    let deciding = null;
+    let latestTurn = config.turn;
+    let socket = null;
+    let synced = false;
+    // When the last frame arrived: a running turn that stays quiet longer than
+    // `quietFor` may have ended in a frame that never came (see resync()). Each quiet
+    // sync doubles the wait, so a busy server is not asked again and again.
+    let lastFrameAt = Date.now();
+    let quietFor = QUIET_RESYNC;
+    let attempt = 0;
+    let reconnectTimer = null;
+    let closedForGood = false;
+    let pinned = true;
+    let renderQueued = false;
+    let loadingOlder = false;
+    let titled = Boolean(config.titled);
+
+    function isBusy() {
+      return Boolean(latestTurn && ACTIVE.has(latestTurn.status));
+    }
+
+    function lastId() {
+      let newest = 0;
+      transcript.querySelectorAll("[data-id]").forEach((node) => {
+        newest = Math.max(newest, Number(node.dataset.id) || 0);
+      });
+      return newest;
+    }
+
+    // -- scrolling: stay at the bottom only while the reader is there
+
+    function distanceFromBottom() {
+      return scroller.scrollHeight - scroller.scrollTop - scroller.clientHeight;
+    }
+
+    function stick(force) {
+      if (force || pinned) {
+        scroller.scrollTop = scroller.scrollHeight;
+        pinned = true;
+        jumpButton.hidden = true;
+      } else {
+        jumpButton.hidden = false;
+      }
+    }
+
+    scroller.addEventListener(
+      "scroll",
+      () => {
+        pinned = distanceFromBottom() < 48;
+        if (pinned) jumpButton.hidden = true;
+      },
+      { passive: true },
+    );
+    jumpButton.addEventListener("click", () => stick(true));
+
+    // -- where messages go
+
+    function removeEmptyState() {
+      const empty = transcript.querySelector("[data-empty]");
+      if (empty) empty.remove();
+    }
+
+    function turnSection(turnId) {
+      let section = transcript.querySelector(`section.turn[data-turn="${attr(turnId)}"]`);
+      if (!section) {
+        section = element("section", "turn");
+        section.dataset.turn = turnId;
+        const footer = element("footer", "turn-footer");
+        footer.dataset.turn = turnId;
+        section.append(footer);
+        transcript.insertBefore(section, pendingArea);
+        removeEmptyState();
+      }
+      return section;
+    }
+
+    function footerOf(section) {
+      return section.querySelector(":scope > .turn-footer");
+    }
+
+    function insertStored(turnId, node) {
+      if (!turnId) {
+        const section = element("section", "turn");
+        section.append(node);
+        transcript.insertBefore(section, pendingArea);
+        removeEmptyState();
+        return;
+      }
+      const section = turnSection(turnId);
+      // Stored messages come before whatever is still streaming in the turn.
+      const before = section.querySelector(":scope > .msg.is-streaming") || footerOf(section);
+      section.insertBefore(node, before);
+    }
+
+    function storedElement(key) {
+      return transcript.querySelector(`.msg[data-key="${attr(key)}"][data-id]`);
+    }
+
+    function streamingElement(key) {
+      return transcript.querySelector(`.msg[data-key="${attr(key)}"]:not([data-id])`);
+    }
+
+    // -- streaming elements, shaped like chat/_message.html
+
+    function createStream(key, kind, turnId, sender) {
+      const el = element("article", `msg msg-${kind} is-streaming is-new`);
+      const member = sender && members.find((item) => item.name === sender);
+      if (member) el.classList.add("from-member", `sender-${member.colour}`);
+      el.dataset.key = key;
+      el.dataset.kind = kind;
+      if (turnId) el.dataset.turn = turnId;
+      if (sender && !TOOL_KINDS.has(kind)) el.append(element("div", "msg-sender", sender));
+      const stream = { el, kind, turn: turnId, text: "", body: null, calls: new Map() };
+      if (TOOL_KINDS.has(kind)) {
+        stream.body = element("div", "card tool-card");
+        el.append(stream.body);
+      } else if (kind === "reasoning") {
+        const details = element("details", "reasoning");
+        details.open = true;
+        const summary = element("summary");
+        summary.append(element("span", "reasoning-label", "Thinking"));
+        summary.addEventListener("click", () => {
+          details.dataset.touched = "1";
+        });
+        stream.body = element("div", "md");
+        details.append(summary, stream.body);
+        el.append(details);
+      } else {
+        stream.body = element("div", "md");
+        el.append(stream.body);
+      }
+      el.append(element("div", "msg-meta"));
+      const existing = streamingElement(key);
+      if (existing) existing.replaceWith(el);
+      else if (turnId) {
+        const section = turnSection(turnId);
+        section.insertBefore(el, footerOf(section));
+      } else transcript.insertBefore(el, pendingArea);
+      streams.set(key, stream);
+      return stream;
+    }
+
+    function addCall(stream, callId, name) {
+      const section = element("section", "tool-call");
+      section.dataset.callId = callId || "";
+      const head = element("header", "card-head");
+      const chip = element(
+        "span",
+        stream.kind === "approval_request" ? "chip chip-approval" : "chip",
+        stream.kind === "approval_request" ? "Needs approval" : "Tool call",
+      );
+      const nameNode = element("code", "tool-name", name || "…");
+      head.append(chip, nameNode);
+      const pre = element("pre", "tool-args");
+      section.append(head, pre);
+      stream.body.append(section);
+      const call = { text: "", name: name || "", nameNode, pre };
+      stream.calls.set(callId || "", call);
+      return call;
+    }
+
+    function renderStream(stream) {
+      if (TOOL_KINDS.has(stream.kind)) return;
+      if (renderMarkdown) stream.body.innerHTML = renderMarkdown(stream.text);
+      else stream.body.textContent = stream.text;
+    }
+
+    function scheduleRender(stream) {
+      stream.dirty = true;
+      if (renderQueued) return;
+      renderQueued = true;
+      requestAnimationFrame(() => {
+        renderQueued = false;
+        streams.forEach((item) => {
+          if (item.dirty) {
+            item.dirty = false;
+            renderStream(item);
+          }
+        });
+        stick();
+      });
+    }
+
+    // -- frames
+
+    function onMessage(message) {
+      if (transcript.querySelector(`.msg[data-id="${attr(message.id)}"]`)) return;
+      const node = parseHTML(message.html).firstElementChild;
+      if (!node) return;
+      localTimes(node);
+      const waiting = node.dataset.otid && pending.get(node.dataset.otid);
+      if (waiting) {
+        waiting.el.remove();
+        pending.delete(node.dataset.otid);
+      }
+      const streaming = streamingElement(message.key);
+      if (streaming) {
+        // Someone who opened the reasoning while it streamed keeps it open.
+        const details = streaming.querySelector("details[data-touched]");
+        const stored = node.querySelector("details");
+        if (details && stored) stored.open = details.open;
+        streaming.replaceWith(node);
+      } else {
+        // A confirmed send takes its "Sending…" bubble's place without fading in again.
+        if (!waiting) node.classList.add("is-new");
+        insertStored(message.turn, node);
+      }
+      streams.delete(message.key);
+      if (message.kind === "user") userMessageArrived(node);
+      stick();
+    }
+
+    function userMessageArrived(node) {
+      const text = node.querySelector(".bubble")?.textContent || "";
+      const link = document.querySelector(
+        `.conversation-link[data-conversation="${attr(config.conversation)}"]`,
+      );
+      if (!titled && text.trim()) {
+        titled = true;
+        const newTitle = text.split(/\s+/).filter(Boolean).join(" ").slice(0, 80);
+        title.textContent = newTitle;
+        document.title = `${newTitle} · chatui`;
+        if (link) link.querySelector(".conversation-title").textContent = newTitle;
+      }
+      if (link) {
+        const time = link.querySelector("time");
+        if (time) time.textContent = "just now";
+        link.parentElement.prepend(link);
+      }
+    }
+
+    function onApproval(approval) {
+      transcript.querySelectorAll(`[data-approval="${attr(approval.id)}"]`).forEach((old) => {
+        const node = parseHTML(approval.html).firstElementChild;
+        if (!node) return;
+        node.classList.add("is-fresh");
+        localTimes(node);
+        const card = old.closest(".tool-card");
+        if (deciding && old.contains(deciding)) deciding = null;
+        old.replaceWith(node);
+        if (card && !card.querySelector("form[data-decide]")) card.classList.remove("is-attention");
+      });
+    }
+
+    function pointAt(approvalIds) {
+      const forms = (approvalIds || [])
+        .map((id) => transcript.querySelector(`form[data-decide="${attr(id)}"]`))
+        .filter(Boolean);
+      const form = forms[0] || transcript.querySelector("form[data-decide]");
+      if (!form) return;
+      const card = form.closest(".tool-card") || form;
+      card.classList.remove("is-attention");
+      void card.offsetWidth; // restart the animation
+      card.classList.add("is-attention");
+      card.scrollIntoView({ block: "center", behavior: "smooth" });
+      const first = form.querySelector("textarea, input:not([type=hidden]), button");
+      if (first) first.focus({ preventScroll: true });
+    }
+
+    // A delta that starts beyond the text the page has, or a running turn quiet for
+    // too long: a frame went missing on the way (a worker under load may drop some).
+    // Sync again; the answer fills the gap, and a turn that ended meanwhile comes in
+    // its final state. While a sync is under way its snapshot will fill the gap.
+    function resync() {
+      if (synced && transmit({ type: "sync", after: lastId() })) synced = false;
+    }
+
+    // A sync sends the latest turn even when it ended long ago: a footer that already
+    // shows that ending stays as it is.
+    function shownAlready(turn) {
+      if (ACTIVE.has(turn.status) || turn.stopping) return false;
+      const footer = transcript.querySelector(`.turn-footer[data-turn="${attr(turn.id)}"]`);
+      return Boolean(footer && footer.dataset.status === turn.status);
+    }
+
+    function onDelta(frame) {
+      for (const delta of frame.deltas) {
+        if (storedElement(delta.key)) continue;
+        let stream = streams.get(delta.key);
+        if (!stream) {
+          // Joined mid-message: wait for the snapshot rather than show a fragment.
+          if (delta.offset > 0) {
+            resync();
+            continue;
+          }
+          const sender = TOOL_KINDS.has(delta.kind) ? "" : delta.sender || "";
+          stream = createStream(delta.key, delta.kind, frame.turn, sender);
+        }
+        if (delta.field === "arguments") {
+          const callId = delta.tool_call_id || "";
+          let call = stream.calls.get(callId);
+          if (!call) {
+            if (delta.offset > 0) {
+              resync();
+              continue;
+            }
+            call = addCall(stream, callId, delta.name);
+          }
+          if (delta.name && !call.name) {
+            call.name = delta.name;
+            call.nameNode.textContent = delta.name;
+          }
+          if (delta.offset > call.text.length) {
+            resync();
+            continue;
+          }
+          call.text += delta.text.slice(call.text.length - delta.offset);
+          call.pre.textContent = call.text;
+          stick();
+        } else {
+          if (delta.offset > stream.text.length) {
+            resync();
+            continue;
+          }
+          stream.text += delta.text.slice(stream.text.length - delta.offset);
+          scheduleRender(stream);
+        }
+      }
+    }
+
+    function onSnapshot(frame) {
+      const turnId = frame.turn ? frame.turn.id : null;
+      if (frame.turn) onTurn(frame.turn);
+      for (const open of frame.open) {
+        if (storedElement(open.key)) continue;
+        const stream =
+          streams.get(open.key) || createStream(open.key, open.kind, turnId, open.sender);
+        if (TOOL_KINDS.has(open.kind)) {
+          for (const tool of open.tool_calls) {
+            const callId = tool.tool_call_id || "";
+            const call = stream.calls.get(callId) || addCall(stream, callId, tool.name);
+            if (tool.name && !call.name) {
+              call.name = tool.name;
+              call.nameNode.textContent = tool.name;
+            }
+            if ((tool.arguments || "").length >= call.text.length) {
+              call.text = tool.arguments || "";
+              call.pre.textContent = call.text;
+            }
+          }
+        } else if (open.text.length >= stream.text.length) {
+          stream.text = open.text;
+          scheduleRender(stream);
+        }
+      }
+      stick();
+    }
+
+    function renderFooter(footer, turn) {
+      const stopping = Boolean(turn.stopping) && ACTIVE.has(turn.status);
+      footer.dataset.status = turn.status;
+      const parts = [];
+      const indicator = element("span", "turn-indicator");
+      indicator.setAttribute("aria-hidden", "true");
+      indicator.append(element("i"), element("i"), element("i"));
+      let label = turn.status_label;
+      if (stopping) label = "Stopping…";
+      else if (turn.waiting && ACTIVE.has(turn.status)) label = workingLabel();
+      parts.push(indicator, element("span", "turn-status", label));
+      if (turn.stop_reason) {
+        const reason = element("span", "turn-reason", turn.stop_reason);
+        reason.title = "Stop reason";
+        parts.push(reason);
+      }
+      const total = turn.usage && turn.usage.total_tokens;
+      if (Number.isInteger(total)) {
+        const usage = element(
+          "span",
+          "turn-usage",
+          `${total.toLocaleString()} token${total === 1 ? "" : "s"}`,
+        );
+        usage.title = Object.entries(turn.usage)
+          .filter(([, value]) => Number.isInteger(value))
+          .map(([key, value]) => `${key.replaceAll("_", " ")}: ${value.toLocaleString()}`)
+          .join(", ");
+        parts.push(usage);
+      }
+      if (!ACTIVE.has(turn.status)) {
+        const time = element("time", "turn-time");
+        time.setAttribute("datetime", new Date().toISOString());
+        parts.push(time);
+      }
+      if (turn.error) {
+        const error = element("p", "turn-error", turn.error);
+        error.setAttribute("role", "note");
+        parts.push(error);
+      }
+      if (turn.retryable && latestTurn && turn.id === latestTurn.id) {
+        const retry = element("button", "button button-small retry", "Retry");
+        retry.type = "button";
+        retry.dataset.retry = turn.id;
+        parts.push(retry);
+      }
+      footer.replaceChildren(...parts);
+      localTimes(footer);
+    }
+
+    // "Ada and Lin are working…": a group that answers only once everyone spoke.
+    function workingLabel() {
+      const names = members.length ? members.map((item) => item.name) : [config.agentName];
+      const listed =
+        names.length > 1 ? `${names.slice(0, -1).join(", ")} and ${names[names.length - 1]}` : names[0];
+      return `${listed} ${names.length > 1 ? "are" : "is"} working…`;
+    }
+
+    function onTurn(turn) {
+      if (!latestTurn || turn.id >= latestTurn.id) latestTurn = turn;
+      const section = turnSection(turn.id);
+      renderFooter(footerOf(section), turn);
+      if (turn.id === latestTurn.id && ACTIVE.has(turn.status)) {
+        // Only the latest stopped or failed turn can be retried.
+        transcript.querySelectorAll("[data-retry]").forEach((button) => button.remove());
+      }
+      if (!ACTIVE.has(turn.status)) {
+        section.querySelectorAll(".msg.is-streaming").forEach((node) => {
+          node.classList.remove("is-streaming");
+          streams.delete(node.dataset.key);
+        });
+        if (turn.id === latestTurn.id) announce(section, turn);
+      }
+      updateComposer();
+      stick();
+    }
+
+    function announce(section, turn) {
+      let text;
+      if (turn.status === "completed") {
+        const answers = Array.from(section.querySelectorAll(".msg-assistant .md"))
+          .map((node) => node.textContent.trim())
+          .filter(Boolean);
+        const reply = answers.join(" ");
+        text = reply
+          ? `${config.agentName} replied: ${reply.length > 400 ? `${reply.slice(0, 400)}…` : reply}`
+          : `${config.agentName} finished.`;
+      } else if (turn.status === "cancelled") {
+        text = "The reply was stopped.";
+      } else {
+        text = `The reply failed. ${turn.error || ""}`;
+      }
+      announcer.textContent = text;
+    }
+
+    function toast(message) {
+      const node = element("div", "toast");
+      node.setAttribute("role", "alert");
+      node.append(element("p", "", message));
+      const close = element("button", "icon-button");
+      close.type = "button";
+      close.setAttribute("aria-label", "Dismiss");
+      close.innerHTML = CLOSE_ICON;
+      close.addEventListener("click", () => node.remove());
+      node.append(close);
+      toasts.append(node);
+      while (toasts.children.length > 3) toasts.firstElementChild.remove();
+      window.setTimeout(() => node.remove(), 8000);
+    }
+
+    function onError(frame) {
+      if (deciding && ABOUT_DECIDING.has(frame.code)) {
+        // The answer to a decision: say it where the person decided.
+        const form = deciding;
+        deciding = null;
+        form.classList.remove("is-deciding");
+        if (frame.code !== "already_decided") {
+          showFormError(form, frame.message || "That decision was not accepted.");
+          return;
+        }
+      }
+      toast(frame.message || "Something went wrong.");
+      // A refused send (turn_active, approval_pending, too_large, ...): give the text
+      // and images back so nothing is lost. Errors about other actions leave sends alone.
+      if (!NOT_ABOUT_SENDING.has(frame.code)) {
+        const refused = Array.from(pending.entries()).find(([, item]) => item.sent);
+        if (refused) {
+          const [id, item] = refused;
+          pending.delete(id);
+          item.el.remove();
+          if (!textarea.value.trim()) {
+            textarea.value = item.text;
+            autosize();
+          }
+          // Images that went missing upstream cannot be sent again: attach them anew.
+          if (frame.code !== "attachment_missing" && !attached.length) {
+            item.images.forEach((image) => restoreAttachment(image));
+          }
+        }
+      }
+      if (frame.code === "approval_pending") pointAt(frame.approvals);
+      updateComposer();
+    }
+
+    function showFormError(form, message) {
+      const error = form.querySelector("[data-approval-error]");
+      if (!error) {
+        toast(message);
+        return;
+      }
+      error.textContent = message;
+      error.hidden = false;
+    }
+
+    function onSynced() {
+      synced = true;
+      attempt = 0;
+      setConnection("", false, "synced");
+      // Sends made while offline (or unconfirmed when the socket dropped) go now;
+      // their otid makes a repeat harmless.
+      pending.forEach((item, id) => {
+        item.sent = true;
+        transmit(sendFrame(item, id));
+      });
+      updateComposer();
+    }
+
+    function handle(frame) {
+      lastFrameAt = Date.now();
+      if (frame.type === "delta") quietFor = QUIET_RESYNC; // it streams again
+      switch (frame.type) {
+        case "message":
+          onMessage(frame.message);
+          break;
+        case "delta":
+          onDelta(frame);
+          break;
+        case "snapshot":
+          onSnapshot(frame);
+          break;
+        case "turn":
+          if (!shownAlready(frame.turn)) onTurn(frame.turn);
+          break;
+        case "approval":
+          onApproval(frame.approval);
+          break;
+        case "retract":
+          // Messages the server took back (a crashed attempt it asked again).
+          for (const id of frame.ids) {
+            document.querySelectorAll(`article.msg[data-id="${Number(id)}"]`).forEach((el) => el.remove());
+          }
+          break;
+        case "synced":
+          onSynced();
+          break;
+        case "error":
+          onError(frame);
+          break;
+        default:
+          break;
+      }
+    }
+
+    // -- the socket
+
+    function setConnection(text, closed, state) {
+      connection.textContent = text;
+      connection.classList.toggle("is-closed", Boolean(closed));
+      // For tests and styling: connecting, synced, reconnecting or closed.
+      connection.dataset.state = state || (closed ? "closed" : "reconnecting");
+    }
+
+    function transmit(frame) {
+      if (socket && socket.readyState === WebSocket.OPEN) {
+        socket.send(JSON.stringify(frame));
+        return true;
+      }
+      return false;
+    }
+
+    function connect() {
+      window.clearTimeout(reconnectTimer);
+      reconnectTimer = null;
+      if (closedForGood) return;
+      const ws = new WebSocket(socketUrl(config.socket));
+      socket = ws;
+      synced = false;
+      connection.dataset.state = "connecting";
+      ws.addEventListener("open", () => {
+        ws.send(JSON.stringify({ type: "sync", after: lastId() }));
+      });
+      ws.addEventListener("message", (event) => {
+        let frame;
+        try {
+          frame = JSON.parse(event.data);
+        } catch {
+          return;
+        }
+        handle(frame);
+      });
+      ws.addEventListener("close", (event) => {
+        if (socket !== ws) return;
+        socket = null;
+        synced = false;
+        if (event.code === 4401) {
+          closedForGood = true;
+          setConnection("Signed out. Reload the page to sign in again.", true);
+        } else if (event.code === 4403) {
+          closedForGood = true;
+          setConnection("This conversation is not available.", true);
+        } else {
+          setConnection("Reconnecting…");
+          scheduleReconnect();
+        }
+        updateComposer();
+      });
+    }
+
+    function scheduleReconnect() {
+      if (reconnectTimer || closedForGood) return;
+      const base = RECONNECT_DELAYS[Math.min(attempt, RECONNECT_DELAYS.length - 1)];
+      attempt += 1;
+      reconnectTimer = window.setTimeout(connect, base + Math.random() * base * 0.3);
+    }
+
+    function reconnectNow() {
+      if (!socket && !closedForGood) {
+        attempt = 0;
+        connect();
+      }
+    }
+
+    window.setInterval(() => {
+      if (synced && isBusy() && Date.now() - lastFrameAt > quietFor) {
+        lastFrameAt = Date.now();
+        quietFor = Math.min(quietFor * 2, QUIET_RESYNC_MAX);
+        resync();
+      }
+    }, 1000);
+
+    window.addEventListener("online", reconnectNow);
+    document.addEventListener("visibilitychange", () => {
+      if (document.visibilityState === "visible") reconnectNow();
+    });
+
+    // -- the composer
+
+    function updateComposer() {
+      const busy = isBusy();
+      stopButton.hidden = !busy;
+      sendButton.hidden = busy;
+      const uploading = attached.some((image) => image.uploading);
+      sendButton.disabled = uploading || !(textarea.value.trim() || attached.length);
+      attachButton.disabled = attached.length >= config.images.count;
+      tray.hidden = !attached.length;
+    }
+
+    function autosize() {
+      if (CSS.supports("field-sizing", "content")) return;
+      textarea.style.height = "auto";
+      textarea.style.height = `${Math.min(textarea.scrollHeight, window.innerHeight * 0.4)}px`;
+    }
+
+    function pendingBubble(text, id, images) {
+      const el = element("article", "msg msg-user is-pending is-new");
+      el.dataset.otid = id;
+      if (images.length) {
+        const row = element("div", "msg-images");
+        images.forEach((image) => {
+          const frame = element("span", "attachment-link");
+          const img = element("img", "attachment-thumb");
+          img.src = image.url;
+          img.alt = image.file.name;
+          frame.append(img);
+          row.append(frame);
+        });
+        el.append(row);
+      }
+      if (text.trim() || !images.length) el.append(element("div", "bubble", text));
+      el.append(element("div", "msg-meta"));
+      pendingArea.append(el);
+      removeEmptyState();
+      return el;
+    }
+
+    function sendFrame(item, id) {
+      const frame = { type: "send", text: item.text, otid: id };
+      if (item.images.length) frame.attachments = item.images.map((image) => image.id);
+      return frame;
+    }
+
+    function send() {
+      const text = textarea.value;
+      if (!text.trim() && !attached.length) return;
+      if (attached.some((image) => image.uploading)) {
+        toast("Wait a moment: the images are still uploading.");
+        return;
+      }
+      if (isBusy()) {
+        toast("A reply is still in progress. Wait for it, or press Stop.");
+        return;
+      }
+      if (text.length > config.maxChars) {
+        toast(
+          `That message is too long (${text.length.toLocaleString()} characters; ` +
+            `the limit is ${config.maxChars.toLocaleString()}).`,
+        );
+        return;
+      }
+      const id = otid();
+      const images = attached;
+      const item = { text, images, el: pendingBubble(text, id, images), sent: false };
+      pending.set(id, item);
+      if (synced) item.sent = transmit(sendFrame(item, id));
+      attached = [];
+      tray.replaceChildren();
+      textarea.value = "";
+      autosize();
+      updateComposer();
+      stick(true);
+    }
+
+    // -- images: attach by button, paste or drop; each uploads at once
+
+    function chipFor(image) {
+      const chip = element("div", "attachment-chip");
+      const img = element("img");
+      img.src = image.url;
+      img.alt = image.file.name;
+      const remove = element("button", "attachment-remove");
+      remove.type = "button";
+      remove.setAttribute("aria-label", `Remove ${image.file.name}`);
+      remove.title = "Remove";
+      remove.innerHTML = CLOSE_ICON;
+      remove.addEventListener("click", () => {
+        dropAttachment(image);
+        textarea.focus();
+      });
+      chip.append(img, remove);
+      return chip;
+    }
+
+    function dropAttachment(image) {
+      attached = attached.filter((item) => item !== image);
+      image.el.remove();
+      image.dropped = true;
+      updateComposer();
+    }
+
+    function restoreAttachment(image) {
+      image.el = chipFor(image);
+      attached.push(image);
+      tray.append(image.el);
+      updateComposer();
+    }
+
+    function addFiles(files) {
+      const images = Array.from(files || []).filter((file) => file.type.startsWith("image/"));
+      if (files && files.length && !images.length) {
+        toast("Only images can be attached (PNG, JPEG, GIF or WebP).");
+        return;
+      }
+      for (const file of images) {
+        if (attached.length >= config.images.count) {
+          toast(`Attach at most ${config.images.count} images to one message.`);
+          break;
+        }
+        if (file.size > config.images.bytes) {
+          toast(`${file.name} is larger than ${megabytes(config.images.bytes)}; it was not attached.`);
+          continue;
+        }
+        const image = { id: null, file, url: URL.createObjectURL(file), uploading: true };
+        image.el = chipFor(image);
+        image.el.classList.add("is-uploading");
+        attached.push(image);
+        tray.append(image.el);
+        upload(image);
+      }
+      updateComposer();
+    }
+
+    async function upload(image) {
+      const body = new FormData();
+      body.append("file", image.file, image.file.name);
+      let problem = "";
+      try {
+        const response = await fetch(config.uploadUrl, {
+          method: "POST",
+          body,
+          credentials: "same-origin",
+          headers: { "X-CSRFToken": csrfToken(), Accept: "application/json" },
+        });
+        const answer = await response.json().catch(() => ({}));
+        if (response.status === 201 && answer.id) image.id = answer.id;
+        else problem = answer.error || `${image.file.name} could not be attached (HTTP ${response.status}).`;
+      } catch (error) {
+        problem = `${image.file.name} could not be uploaded: the connection failed.`;
+      }
+      image.uploading = false;
+      if (image.dropped) return;
+      if (problem) {
+        dropAttachment(image);
+        URL.revokeObjectURL(image.url);
+        toast(problem);
+        return;
+      }
+      image.el.classList.remove("is-uploading");
+      updateComposer();
+    }
+
+    attachButton.addEventListener("click", () => fileInput.click());
+    fileInput.addEventListener("change", () => {
+      addFiles(fileInput.files);
+      fileInput.value = "";
+      textarea.focus();
+    });
+    textarea.addEventListener("paste", (event) => {
+      const files = Array.from(event.clipboardData?.files || []).filter((file) =>
+        file.type.startsWith("image/"),
+      );
+      if (!files.length) return;
+      event.preventDefault();
+      addFiles(files);
+    });
+
+    let dragDepth = 0;
+    const carriesFiles = (event) => Array.from(event.dataTransfer?.types || []).includes("Files");
+    main.addEventListener("dragenter", (event) => {
+      if (!carriesFiles(event)) return;
+      event.preventDefault();
+      dragDepth += 1;
+      dropZone.hidden = false;
+    });
+    main.addEventListener("dragover", (event) => {
+      if (!carriesFiles(event)) return;
+      event.preventDefault();
+      event.dataTransfer.dropEffect = "copy";
+    });
+    main.addEventListener("dragleave", (event) => {
+      if (!carriesFiles(event)) return;
+      dragDepth = Math.max(0, dragDepth - 1);
+      if (!dragDepth) dropZone.hidden = true;
+    });
+    main.addEventListener("drop", (event) => {
+      if (!carriesFiles(event)) return;
+      event.preventDefault();
+      dragDepth = 0;
+      dropZone.hidden = true;
+      addFiles(event.dataTransfer.files);
+      textarea.focus();
+    });
+
+    // -- decisions on tool calls and questions, sent over the socket
+
+    function decide(form, submitter) {
+      const decision = submitter && submitter.name === "decision" ? submitter.value : "";
+      if (!decision) return;
+      const error = form.querySelector("[data-approval-error]");
+      if (error) error.hidden = true;
+      const answer = form.querySelector("[name=answer]");
+      const reason = form.querySelector("[name=reason]");
+      const frame = { type: "decide", approval: Number(form.dataset.decide), decision };
+      if (decision === "answer") {
+        if (!answer || !answer.value.trim()) {
+          const details = answer && answer.closest("details");
+          if (details) details.open = true;
+          showFormError(form, "Type the answer first.");
+          if (answer) answer.focus();
+          return;
+        }
+        frame.answer = answer.value;
+      }
+      if (reason && reason.value.trim()) frame.reason = reason.value.trim();
+      if (!transmit(frame)) {
+        showFormError(form, "Not connected. Decide again once the connection is back.");
+        return;
+      }
+      if (deciding) deciding.classList.remove("is-deciding");
+      deciding = form;
+      form.classList.add("is-deciding");
+    }
+
+    // -- feedback on the agent's answers
+
+    async function giveFeedback(form, rating) {
+      const comment = form.querySelector("[name=comment]");
+      const body = new URLSearchParams({ rating, comment: comment ? comment.value : "" });
+      form.classList.add("is-saving");
+      try {
+        const response = await fetch(form.action, {
+          method: "POST",
+          body,
+          credentials: "same-origin",
+          headers: { "X-CSRFToken": csrfToken(), Accept: "application/json" },
+        });
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        showFeedback(form, await response.json());
+      } catch (error) {
+        toast(`Your feedback could not be saved (${error.message}).`);
+      } finally {
+        form.classList.remove("is-saving");
+      }
+    }
+
+    function showFeedback(form, saved) {
+      form.classList.add("is-rated");
+      form.querySelectorAll("button[name=rating]:not([data-feedback-save])").forEach((button) => {
+        button.setAttribute("aria-pressed", String(button.value === saved.rating));
+      });
+      form.querySelector("[data-feedback-save]").value = saved.rating;
+      form.querySelector("[data-feedback-status]").textContent =
+        saved.rating === "helpful" ? "Marked helpful" : "Marked not helpful";
+      const details = form.querySelector(".feedback-comment");
+      details.hidden = false;
+      details.querySelector("summary").textContent = saved.comment ? "Edit comment" : "Add a comment";
+      if (saved.comment) details.open = false;
+      const article = form.closest(".msg");
+      if (article) article.dataset.feedback = saved.rating;
+    }
+
+    transcript.addEventListener("submit", (event) => {
+      const form = event.target;
+      if (form.matches("form[data-decide]")) {
+        event.preventDefault();
+        decide(form, event.submitter);
+      } else if (form.matches("form[data-feedback]")) {
+        event.preventDefault();
+        const rating = event.submitter && event.submitter.value;
+        if (rating) giveFeedback(form, rating);
+      }
+    });
+    transcript.addEventListener("keydown", (event) => {
+      if (event.key !== "Enter" || event.isComposing || event.keyCode === 229) return;
+      const field = event.target;
+      const decideForm = field.closest && field.closest("form[data-decide]");
+      if (decideForm && field.name === "reason") {
+        // Enter must not approve by accident: the person picks Approve or Deny.
+        event.preventDefault();
+      } else if (decideForm && field.name === "answer" && !event.shiftKey) {
+        event.preventDefault();
+        const button = decideForm.querySelector("button[name=decision][value=answer]");
+        if (button) decide(decideForm, button);
+      } else if (field.name === "comment" && field.closest("form[data-feedback]")) {
+        event.preventDefault();
+        const form = field.closest("form[data-feedback]");
+        const rating = form.querySelector("[data-feedback-save]").value;
+        if (rating) giveFeedback(form, rating);
+      }
+    });
+
+    // -- reply settings, in a dialog over the conversation
+
+    async function openOptions(link) {
+      try {
+        const url = new URL(link.href, window.location.href);
+        url.searchParams.set("panel", "1");
+        const response = await fetch(url, { credentials: "same-origin" });
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        dialog.innerHTML = await response.text();
+      } catch (error) {
+        window.location.href = link.href;
+        return;
+      }
+      if (menu) menu.open = false;
+      dialog.showModal();
+      const first = dialog.querySelector("select, input:not([type=hidden])");
+      if (first) first.focus();
+    }
+
+    document.querySelectorAll("[data-options-open]").forEach((link) =>
+      link.addEventListener("click", (event) => {
+        event.preventDefault();
+        openOptions(link);
+      }),
+    );
+    dialog.addEventListener("click", (event) => {
+      // A click on the backdrop, or on Close or Cancel, closes it.
+      if (event.target === dialog || event.target.closest("[data-dialog-close]")) {
+        event.preventDefault();
+        dialog.close();
+      }
+    });
+
+    function stop() {
+      if (!isBusy()) return;
+      transmit({ type: "stop" });
+      const footer = transcript.querySelector(
+        `.turn-footer[data-turn="${attr(latestTurn.id)}"] .turn-status`,
+      );
+      if (footer) footer.textContent = "Stopping…";
+    }
+
+    form.addEventListener("submit", (event) => {
+      event.preventDefault();
+      send();
+    });
+    stopButton.addEventListener("click", stop);
+    textarea.addEventListener("input", () => {
+      autosize();
+      updateComposer();
+    });
+    textarea.addEventListener("keydown", (event) => {
+      // keyCode 229: a key that an input method (IME) is still composing with.
+      if (event.isComposing || event.keyCode === 229) return;
+      if (event.key === "Enter" && !event.shiftKey && !event.altKey && !event.ctrlKey && !event.metaKey) {
+        event.preventDefault();
+        send();
+      }
+    });
+    document.addEventListener("keydown", (event) => {
+      if (event.key !== "Escape" || event.isComposing || event.defaultPrevented) return;
+      if (dialog.open) return; // Esc closes the dialog, and does nothing else
+      if (menu && menu.open) {
+        menu.open = false;
+        menu.querySelector("summary").focus();
+      } else if (isBusy()) {
+        event.preventDefault();
+        stop();
+      }
+    });
+    transcript.addEventListener("click", (event) => {
+      const retry = event.target.closest("[data-retry]");
+      if (!retry) return;
+      retry.disabled = true;
+      if (!transmit({ type: "retry", turn: Number(retry.dataset.retry) })) {
+        retry.disabled = false;
+        toast("Not connected. Retry once the connection is back.");
+      }
+    });
+
+    // -- older messages, a page at a time, as the reader scrolls up
+
+    const olderObserver =
+      "IntersectionObserver" in window
+        ? new IntersectionObserver(
+            (entries) => {
+              entries.forEach((entry) => {
+                if (entry.isIntersecting) loadOlder(entry.target);
+              });
+            },
+            { root: scroller, rootMargin: "400px 0px 0px 0px" },
+          )
+        : null;
+
+    function watchOlder() {
+      const marker = transcript.querySelector("[data-load-older]");
+      if (!marker) return;
+      marker.querySelector("button").addEventListener("click", () => loadOlder(marker));
+      if (olderObserver) olderObserver.observe(marker);
+    }
+
+    async function loadOlder(marker) {
+      if (loadingOlder || !marker.isConnected) return;
+      loadingOlder = true;
+      marker.classList.add("is-loading");
+      try {
+        const url = `${config.olderUrl}?before=${encodeURIComponent(marker.dataset.before)}`;
+        const response = await fetch(url, { credentials: "same-origin" });
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        const fragment = parseHTML(await response.text());
+        localTimes(fragment);
+        if (olderObserver) olderObserver.unobserve(marker);
+        const height = scroller.scrollHeight;
+        const top = scroller.scrollTop;
+        // A turn can straddle two pages: join its halves into the section on the page.
+        const first = transcript.querySelector("section.turn");
+        const sections = Array.from(fragment.children).filter((node) => node.matches("section.turn"));
+        const last = sections[sections.length - 1];
+        if (first && last && last.dataset.turn && last.dataset.turn === first.dataset.turn) {
+          first.prepend(...last.querySelectorAll(":scope > .msg"));
+          last.remove();
+        }
+        marker.remove();
+        transcript.prepend(fragment);
+        scroller.scrollTop = top + (scroller.scrollHeight - height);
+        watchOlder();
+      } catch (error) {
+        marker.classList.remove("is-loading");
+        toast(`Older messages could not be loaded (${error.message}).`);
+      } finally {
+        loadingOlder = false;
+      }
+    }
+
+    // -- start
+
+    localTimes(document);
+    autosize();
+    updateComposer();
+    stick(true);
+    watchOlder();
+    connect();
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    setupDrawer();
+    setupConfirms();
+    ApprovalsFeed();
+    const data = document.getElementById("chat-config");
+    if (data) Conversation(JSON.parse(data.textContent));
+    else localTimes(document);
+  });
+})();
