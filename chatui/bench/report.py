@@ -1,0 +1,185 @@
+"""The benchmark's one table (Markdown, to paste into the README) and its goals."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from chatui.bench.clients import Relayed
+from chatui.bench.run import GOAL_IDLE_KB, GOAL_OPEN_MS, GOAL_P99_MS, GOAL_RATE, Results
+
+COLUMNS = ["measurement", "chatui", "bare relay", "direct SSE", "÷ bare", "÷ direct", "goal", "met"]
+
+
+def load_label(result: Relayed, workers: int = 1) -> str:
+    pace = "full rate" if not result.pace else f"{1 / result.pace:.0f} tokens/s each"
+    where = f", {workers} workers" if workers > 1 else ""
+    return f"{result.conversations} conv., {pace}{where}"
+
+
+def ms(value: float) -> str:
+    return f"{value:.2f}" if value < 1 else f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:,.2f}" if b else "–"
+
+
+def lost(result: Relayed | None) -> str:
+    """What a reader missed, and how many had to sync again to see everything."""
+    if result is None:
+        return ""
+    notes = []
+    if result.received < result.expected or result.closed:
+        notes.append(f"{result.expected - result.received:,} tokens lost")
+    if result.closed:
+        notes.append(f"{result.closed} turns unfinished")
+    if result.resynced:
+        notes.append(f"{result.resynced} re-synced")
+    return f" ({', '.join(notes)})" if notes else ""
+
+
+def yes(met: bool) -> str:
+    return "yes" if met else "**no**"
+
+
+def relay_rows(results: Results, workers: int) -> list[list[str]]:
+    rows = []
+    suffix = "" if workers == 1 else f"@{workers}"
+    for chatui in [r for r in results.relay if r.target == "chatui" + suffix]:
+        bare = results.find("bare", chatui.conversations, chatui.pace, workers)
+        direct = results.find("direct", chatui.conversations, chatui.pace)
+        label = load_label(chatui, workers)
+        rate_met = bare is not None and chatui.rate >= GOAL_RATE * bare.rate
+        rows.append(
+            [
+                f"events/s, {label}",
+                f"{chatui.rate:,.0f}{lost(chatui)}",
+                f"{bare.rate:,.0f}{lost(bare)}" if bare else "–",
+                f"{direct.rate:,.0f}" if direct else "–",
+                ratio(chatui.rate, bare.rate) if bare else "–",
+                ratio(chatui.rate, direct.rate) if direct else "–",
+                "≥ 0.80 × bare",
+                yes(rate_met),
+            ]
+        )
+        p99_met = bare is not None and chatui.p99_ms <= bare.p99_ms + GOAL_P99_MS
+        rows.append(
+            [
+                f"latency p50 / p99 ms, {label}",
+                f"{ms(chatui.p50_ms)} / {ms(chatui.p99_ms)}",
+                f"{ms(bare.p50_ms)} / {ms(bare.p99_ms)}" if bare else "–",
+                f"{ms(direct.p50_ms)} / {ms(direct.p99_ms)}" if direct else "–",
+                f"{ratio(chatui.p50_ms, bare.p50_ms)} / {ratio(chatui.p99_ms, bare.p99_ms)}"
+                if bare
+                else "–",
+                f"{ratio(chatui.p50_ms, direct.p50_ms)} / {ratio(chatui.p99_ms, direct.p99_ms)}"
+                if direct
+                else "–",
+                "p99 ≤ bare + 10 ms",
+                yes(p99_met),
+            ]
+        )
+    return rows
+
+
+def goals(results: Results) -> dict[str, bool]:
+    """Each goal, met or not, over every load measured (one worker and N)."""
+    pairs = []
+    for chatui in results.relay:
+        if not chatui.target.startswith("chatui"):
+            continue
+        workers = int(chatui.target.partition("@")[2] or 1)
+        bare = results.find("bare", chatui.conversations, chatui.pace, workers)
+        if bare is not None:
+            pairs.append((chatui, bare))
+    short, long = (
+        results.writes.get(min(results.writes, default=0)),
+        results.writes.get(max(results.writes, default=0)),
+    )
+    return {
+        "relay rate ≥ 80% of the bare relay": all(c.rate >= GOAL_RATE * b.rate for c, b in pairs),
+        "added p99 ≤ bare relay p99 + 10 ms": all(
+            c.p99_ms <= b.p99_ms + GOAL_P99_MS for c, b in pairs
+        ),
+        "database writes per turn independent of token count": short is not None and short == long,
+        f"≤ {GOAL_IDLE_KB:.0f} KB per idle websocket": results.idle_kb <= GOAL_IDLE_KB,
+        "5,000-message conversation opens in ≤ 100 ms": results.open_ms <= GOAL_OPEN_MS,
+    }
+
+
+def table(results: Results) -> str:
+    rows = relay_rows(results, 1)
+    writes = sorted(results.writes.items())
+    for tokens, count in writes:
+        rows.append(
+            [
+                f"database writes per turn, {tokens:,}-token reply",
+                str(count),
+                "–",
+                "–",
+                "–",
+                "–",
+                "same for any length",
+                yes(len({c for _, c in writes}) == 1),
+            ]
+        )
+    rows.append(
+        [
+            f"resident memory per idle websocket, {results.idle_sockets:,} open",
+            f"{results.idle_kb:.1f} KB",
+            "–",
+            "–",
+            "–",
+            "–",
+            f"≤ {GOAL_IDLE_KB:.0f} KB",
+            yes(results.idle_kb <= GOAL_IDLE_KB),
+        ]
+    )
+    rows.append(
+        [
+            f"server time to open a {results.long_conversation:,}-message conversation",
+            f"{results.open_ms:.1f} ms",
+            "–",
+            "–",
+            "–",
+            "–",
+            f"≤ {GOAL_OPEN_MS:.0f} ms",
+            yes(results.open_ms <= GOAL_OPEN_MS),
+        ]
+    )
+    if results.workers > 1:
+        rows += relay_rows(results, results.workers)
+    lines = [
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---" if n == 0 else "--:" for n in range(len(COLUMNS))) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine_line(results: Results) -> str:
+    m = results.machine
+    return (
+        f"{m['cores']} cores ({m['cpu']}), {m['memory_gib']} GiB RAM, {m['system']}, "
+        f"Python {m['python']}, {m['database']}"
+    )
+
+
+def text(results: Results) -> str:
+    met = goals(results)
+    summary = [f"- {'met' if ok else 'MISSED'}: {goal}" for goal, ok in met.items()]
+    return "\n".join([f"Machine: {machine_line(results)}", "", table(results), "", *summary])
+
+
+def as_json(results: Results) -> dict[str, Any]:
+    return {
+        "machine": results.machine,
+        "workers": results.workers,
+        "relay": [r.as_dict() for r in results.relay],
+        "writes_per_turn": {str(k): v for k, v in results.writes.items()},
+        "idle_kb_per_socket": round(results.idle_kb, 2),
+        "idle_sockets": results.idle_sockets,
+        "open_ms": round(results.open_ms, 2),
+        "long_conversation": results.long_conversation,
+        "goals": goals(results),
+    }

@@ -1,0 +1,532 @@
+"""The benchmark itself: start the processes, measure, and make one table.
+
+It runs in a throwaway data folder (`manage.py bench` sees to that), so the database
+this module migrates, seeds and measures is the benchmark's own. Everything listens
+on 127.0.0.1 and every round is bounded in time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import resource
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+
+from chatui.bench import clients
+from chatui.bench.clients import Conversation, Relayed
+
+START_TIMEOUT = 60.0
+# What makes a turn's writes: the same whatever the reply's length (the goal).
+WRITE_STATEMENTS = {"INSERT", "UPDATE", "DELETE"}
+GOAL_RATE = 0.8
+GOAL_P99_MS = 10.0
+GOAL_IDLE_KB = 64.0
+GOAL_OPEN_MS = 100.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big each measurement is."""
+
+    conversations: tuple[int, ...] = (1, 50, 200)
+    # Tokens per conversation at full rate, by how many conversations run at once.
+    full_tokens: dict[int, int] = field(default_factory=lambda: {1: 2000, 50: 200, 200: 100})
+    paced_tokens: int = 100
+    pace: float = 0.05  # 20 tokens a second
+    write_tokens: tuple[int, int] = (10, 1000)
+    idle_sockets: int = 1000
+    long_conversation: int = 5000
+    open_repeats: int = 20
+
+
+QUICK = Plan(
+    conversations=(1, 5),
+    full_tokens={1: 50, 5: 20},
+    paced_tokens=10,
+    write_tokens=(10, 1000),
+    idle_sockets=50,
+    long_conversation=500,
+    open_repeats=5,
+)
+
+
+# -- processes ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited:\n{log.read_text()[-3000:]}")
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listened on {port} after {START_TIMEOUT:.0f} s")
+
+
+class Server:
+    """One process the benchmark started, its port, and its resident memory."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int):
+        self.name, self.port = name, port
+        self.log = settings.DATA_DIR / f"{name}.log"
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                command, cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+        wait_for_port(port, self.process, self.log)
+
+    @property
+    def address(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def rss_kb(self) -> int:
+        """Resident memory (VmRSS) in KiB, from /proc."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError(f"no VmRSS for {self.name}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(
+        {
+            "CHATUI_NO_VENV": "1",
+            "DJANGO_SETTINGS_MODULE": "chatui.settings",
+            "PYTHONUNBUFFERED": "1",
+            "LOG_LEVEL": "WARNING",
+            "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def start_upstream() -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "chatui.bench.upstream", "--port", "0"],
+        cwd=settings.BASE_DIR,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    line = process.stdout.readline()
+    if "http://" not in line:
+        raise RuntimeError(f"the bench upstream did not start (exit {process.poll()})")
+    return process, line.split()[-1]
+
+
+def daphne(name: str, application: str, env: dict[str, str]) -> Server:
+    port = free_port()
+    command = [sys.executable, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), application]
+    return Server(name, command, env, port)
+
+
+def start_chatui(name: str, upstream: str, **extra: str) -> Server:
+    env = child_env(
+        LETTA_BASE_URL=upstream,
+        # The synthetic upstream streams directly; no Redis behind it.
+        LETTA_BACKGROUND="false",
+        # Every benchmark user sends a turn per round; the limit is for people.
+        SEND_RATE_LIMIT="1000000",
+        **extra,
+    )
+    server = daphne(name, "chatui.asgi:application", env)
+    import httpx
+
+    httpx.get(f"http://127.0.0.1:{server.port}/login/", timeout=30).raise_for_status()
+    return server
+
+
+def start_bare_relay(name: str, upstream: str) -> Server:
+    return daphne(name, "chatui.bench.relay:application", child_env(BENCH_UPSTREAM_URL=upstream))
+
+
+@contextlib.contextmanager
+def running(servers: list[Server]) -> Iterator[list[Server]]:
+    try:
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+            errors = [line for line in server.log.read_text().splitlines() if "Error" in line]
+            if errors:
+                # The data folder goes when the benchmark ends: say what went wrong now.
+                print(f"{server.name} logged errors:", *errors[-10:], sep="\n", file=sys.stderr)
+
+
+# -- the benchmark's own data -------------------------------------------------------------
+
+
+def people(count: int, prefix: str) -> list[tuple[Any, str]]:
+    """`count` users, each with a signed-in session: (user, Cookie header)."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    User = get_user_model()
+    User.objects.bulk_create([User(username=f"{prefix}-{n}", password="!") for n in range(count)])
+    signed_in = []
+    for user in User.objects.filter(username__startswith=f"{prefix}-").order_by("pk"):
+        browser = Client()
+        browser.force_login(user)
+        name = settings.SESSION_COOKIE_NAME
+        signed_in.append((user, f"{name}={browser.cookies[name].value}"))
+    return signed_in
+
+
+def conversations_of(signed_in: list[tuple[Any, str]], each: int = 1) -> list[tuple[int, str, str]]:
+    """`each` new conversations per user, each with an agent of its own (chatui lets
+    one turn at a time reach an agent): (conversation id, agent id, cookie)."""
+    from chatui.models import Conversation as Chat
+
+    made = Chat.objects.bulk_create(
+        [
+            Chat(owner=user, target_id=f"agent-{uuid.uuid4()}", target_name="Bench agent")
+            for user, _ in signed_in
+            for _ in range(each)
+        ]
+    )
+    cookies = {user.pk: cookie for user, cookie in signed_in}
+    return [(chat.pk, chat.target_id, cookies[chat.owner_id]) for chat in made]
+
+
+def long_conversation(messages: int) -> tuple[int, Any]:
+    """A conversation of `messages` stored messages (half asked, half answered)."""
+    from django.contrib.auth import get_user_model
+
+    from chatui.models import Conversation as Chat
+    from chatui.models import Message, Turn
+
+    owner = get_user_model().objects.create(username="bench-reader", password="!")
+    chat = Chat.objects.create(owner=owner, target_id=f"agent-{uuid.uuid4()}", target_name="Long")
+    turns = Turn.objects.bulk_create(
+        [
+            Turn(conversation=chat, otid=f"otid-{n}", status=Turn.Status.COMPLETED)
+            for n in range(messages // 2)
+        ],
+        batch_size=500,
+    )
+    answer = (
+        "Here is **what I found**, with a list:\n\n- the first point, in a few words\n"
+        "- the second, with `code`\n\nAnd a closing sentence that runs a little longer."
+    )
+    rows = []
+    for n, turn in enumerate(turns):
+        rows.append(Message(conversation=chat, turn=turn, kind="user", text=f"Question {n}?"))
+        rows.append(
+            Message(
+                conversation=chat,
+                turn=turn,
+                kind="assistant",
+                letta_id=f"message-{uuid.uuid4()}",
+                text=answer,
+                payload={"message_type": "assistant_message", "content": answer},
+            )
+        )
+    Message.objects.bulk_create(rows, batch_size=500)
+    return chat.pk, owner
+
+
+# -- in-process measurements --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def counting_writes() -> Iterator[list[str]]:
+    """Every INSERT, UPDATE and DELETE any thread of this process runs."""
+    from django.db.backends import utils
+
+    writes: list[str] = []
+    execute, executemany = utils.CursorWrapper.execute, utils.CursorWrapper.executemany
+
+    def counted(sql: str, times: int = 1) -> None:
+        if sql.lstrip().split(None, 1)[0].upper() in WRITE_STATEMENTS:
+            writes.extend([sql] * times)
+
+    def counting_execute(self, sql, params=None):
+        counted(sql)
+        return execute(self, sql, params)
+
+    def counting_executemany(self, sql, param_list):
+        param_list = list(param_list)
+        counted(sql, len(param_list))
+        return executemany(self, sql, param_list)
+
+    utils.CursorWrapper.execute = counting_execute
+    utils.CursorWrapper.executemany = counting_executemany
+    try:
+        yield writes
+    finally:
+        utils.CursorWrapper.execute = execute
+        utils.CursorWrapper.executemany = executemany
+
+
+async def writes_per_turn(conversation: int, cookie: str, token_counts: tuple[int, ...]):
+    """Database writes of one whole turn (send to runner done) through the real
+    consumer, in this process, for each reply length."""
+    from channels.testing import WebsocketCommunicator
+
+    from chatui import turns
+    from chatui.asgi import application
+
+    headers = [(b"origin", b"http://127.0.0.1"), (b"cookie", cookie.encode())]
+    socket = WebsocketCommunicator(application, f"/ws/conversations/{conversation}/", headers)
+    connected, _ = await socket.connect()
+    assert connected, "the in-process consumer refused the benchmark's socket"
+    counts = {}
+    try:
+        for tokens in token_counts:
+            with counting_writes() as writes:
+                await socket.send_to(
+                    text_data=json.dumps({"type": "send", "text": f"tokens={tokens}"})
+                )
+                while not clients.turn_ended(await socket.receive_from(timeout=60)):
+                    pass
+                run = turns.running.get(conversation)
+                if run is not None and run.task is not None:
+                    await asyncio.wait_for(asyncio.shield(run.task), 60)
+                counts[tokens] = len(writes)
+    finally:
+        await socket.disconnect()
+    return counts
+
+
+def open_time_ms(conversation: int, owner: Any, repeats: int) -> float:
+    """Server time of GET /conversations/<id>/ (the median of `repeats`, after one to warm
+    up), in this process: Django's whole request path, without the network."""
+    from django.test import Client
+
+    browser = Client(HTTP_HOST="127.0.0.1")
+    browser.force_login(owner)
+    url = f"/conversations/{conversation}/"
+    timings = []
+    for attempt in range(repeats + 1):
+        started = time.perf_counter()
+        response = browser.get(url)
+        elapsed = time.perf_counter() - started
+        if response.status_code != 200:
+            raise RuntimeError(f"GET {url} answered {response.status_code}")
+        if attempt:
+            timings.append(elapsed * 1000)
+    return statistics.median(timings)
+
+
+# -- rounds ------------------------------------------------------------------------------
+
+
+@dataclass
+class Results:
+    machine: dict[str, Any]
+    relay: list[Relayed] = field(default_factory=list)
+    workers: int = 1
+    writes: dict[int, int] = field(default_factory=dict)
+    idle_kb: float = 0.0
+    idle_sockets: int = 0
+    open_ms: float = 0.0
+    long_conversation: int = 0
+
+    def find(self, target: str, conversations: int, pace: float, workers: int = 1):
+        name = target if workers == 1 else f"{target}@{workers}"
+        for result in self.relay:
+            if (result.target, result.conversations, result.pace) == (name, conversations, pace):
+                return result
+        return None
+
+
+async def relay_rounds(
+    plan: Plan,
+    results: Results,
+    upstream: str,
+    chats: list[tuple[int, str, str]],
+    chatui_addresses: list[str],
+    bare_addresses: list[str],
+    *,
+    direct: bool = True,
+    say: Callable[[str], None],
+) -> None:
+    suffix = "" if len(chatui_addresses) == 1 else f"@{len(chatui_addresses)}"
+    for count in plan.conversations:
+        mine = chats[:count]
+        conversations = [
+            Conversation(chatui_addresses[n % len(chatui_addresses)], chat, agent, cookie)
+            for n, (chat, agent, cookie) in enumerate(mine)
+        ]
+        agents = [agent for _, agent, _ in mine]
+        for pace, tokens in ((0.0, plan.full_tokens[count]), (plan.pace, plan.paced_tokens)):
+            for target in ("chatui", "bare", "direct") if direct else ("chatui", "bare"):
+                if target == "chatui":
+                    result = await clients.chatui_round(conversations, tokens, pace)
+                elif target == "bare":
+                    result = await clients.bare_round(bare_addresses, agents, tokens, pace)
+                else:
+                    result = await clients.direct_round(upstream, agents, tokens, pace)
+                result = replace(result, target=result.target + suffix)
+                results.relay.append(result)
+                if result.closed:
+                    say(f"  {result.closed} turns never ended for their reader")
+                if result.resynced:
+                    say(f"  {result.resynced} readers synced again to see everything")
+                say(
+                    f"  {target + suffix:>9} {count:>4} conversations, "
+                    f"{'full rate' if not pace else f'{1 / pace:.0f} tokens/s'}: "
+                    f"{result.rate:,.0f} events/s, p50 {result.p50_ms:.1f} ms, "
+                    f"p99 {result.p99_ms:.1f} ms ({result.received}/{result.expected} tokens)"
+                )
+
+
+async def idle_memory(server: Server, conversations: list[Conversation]) -> float:
+    """KiB of resident memory per idle, synced websocket."""
+    warm, measured = conversations[:20], conversations[20:]
+    # A few sockets first, so what loads once (code, caches) is not counted per socket.
+    warm_sockets = await clients.open_idle(warm)
+    before = server.rss_kb()
+    sockets = await clients.open_idle(measured)
+    # Let the last handshakes' garbage go before reading the high-water mark.
+    await asyncio.sleep(1)
+    after = server.rss_kb()
+    await clients.close_all(sockets + warm_sockets)
+    return (after - before) / len(measured)
+
+
+def machine() -> dict[str, Any]:
+    from django.db import connection
+
+    memory = next(
+        int(line.split()[1])
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    if connection.vendor == "sqlite":
+        database = f"SQLite {sqlite3.sqlite_version}"
+    else:
+        database = f"{connection.display_name} {connection.get_database_version()}"
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(memory / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "database": database,
+        "system": f"{platform.system()} {platform.release()}",
+    }
+
+
+def raise_open_files_limit() -> None:
+    """A thousand sockets on each side need more descriptors than some defaults allow."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def main(*, quick: bool, workers: int, redis_url: str, say: Callable[[str], None]) -> Results:
+    from django.core.management import call_command
+
+    plan = QUICK if quick else Plan()
+    # Stopped from outside: still stop every process this started (the finally blocks).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    raise_open_files_limit()
+    call_command("migrate", interactive=False, verbosity=0)
+    results = Results(machine=machine(), workers=workers)
+    most = max(plan.conversations)
+    chats = conversations_of(people(most, "bench"))
+    idle_owner = people(1, "bench-idle")
+    idle_chats = conversations_of(idle_owner, plan.idle_sockets + 20)
+    long_chat, reader = long_conversation(plan.long_conversation)
+
+    upstream_process, upstream = start_upstream()
+    try:
+        say(f"relay rounds, 1 worker (upstream {upstream})")
+        with running([start_chatui("chatui", upstream), start_bare_relay("bare", upstream)]) as (
+            chatui,
+            bare,
+        ):
+            asyncio.run(
+                relay_rounds(
+                    plan, results, upstream, chats, [chatui.address], [bare.address], say=say
+                )
+            )
+
+        say("database writes per turn (in-process, real consumer)")
+        settings.LETTA_BASE_URL = upstream
+        settings.LETTA_BACKGROUND = False
+        settings.WORKER_UPKEEP = False
+        writer, _, cookie = chats[0]
+        results.writes = asyncio.run(writes_per_turn(writer, cookie, plan.write_tokens))
+
+        say(f"memory per idle websocket ({plan.idle_sockets:,} open)")
+        with running([start_chatui("chatui-idle", upstream)]) as (idle,):
+            idle_conversations = [
+                Conversation(idle.address, chat, agent, cookie)
+                for chat, agent, cookie in idle_chats
+            ]
+            results.idle_kb = asyncio.run(idle_memory(idle, idle_conversations))
+            results.idle_sockets = plan.idle_sockets
+
+        say(f"opening a {plan.long_conversation:,}-message conversation")
+        results.open_ms = open_time_ms(long_chat, reader, plan.open_repeats)
+        results.long_conversation = plan.long_conversation
+
+        if workers > 1:
+            say(f"relay rounds, {workers} workers sharing Redis at {redis_url}")
+            shared = {"REDIS_URL": redis_url}
+            servers = [
+                start_chatui(f"chatui-{n}", upstream, CHATUI_WORKER_NAME=f"bench-{n}", **shared)
+                for n in range(workers)
+            ] + [start_bare_relay(f"bare-{n}", upstream) for n in range(workers)]
+            with running(servers):
+                asyncio.run(
+                    relay_rounds(
+                        plan,
+                        results,
+                        upstream,
+                        chats,
+                        [s.address for s in servers[:workers]],
+                        [s.address for s in servers[workers:]],
+                        direct=False,
+                        say=say,
+                    )
+                )
+    finally:
+        upstream_process.terminate()
+        upstream_process.wait(10)
+    return results

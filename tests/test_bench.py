@@ -1,0 +1,94 @@
+"""`manage.py bench --quick`: every row of the table is there, with numbers that make sense.
+
+Timings on a shared 2-core machine say nothing in a test, so these check the shape
+and sanity of the figures (tokens all arrived, counts and sizes within reason), not
+the goals.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NUMBER = re.compile(r"-?[\d,]+(?:\.\d+)?")
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def bench(data_dir: Path, *arguments: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update({"CHATUI_NO_VENV": "1", "CHATUI_DATA_DIR": str(data_dir)})
+    result = subprocess.run(
+        [sys.executable, "manage.py", "bench", "--quick", *arguments],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+def rows(output: str) -> dict[str, list[str]]:
+    """The table's rows by their first cell."""
+    table = {}
+    for line in output.splitlines():
+        if line.startswith("| ") and not line.startswith("| measurement"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            table[cells[0]] = cells[1:]
+    return table
+
+
+def numbers(cell: str) -> list[float]:
+    return [float(n.replace(",", "")) for n in NUMBER.findall(cell)]
+
+
+def check_relay_rows(table: dict[str, list[str]], loads: list[str], targets: int) -> None:
+    for load in loads:
+        rate, latency = table[f"events/s, {load}"], table[f"latency p50 / p99 ms, {load}"]
+        for cell in rate[:targets]:
+            assert "lost" not in cell, (load, rate)  # every token reached its reader
+            value = numbers(cell)[0]  # a note may follow: "(2 re-synced)"
+            assert value > 0, (load, rate)
+        for cell in latency[:targets]:
+            p50, p99 = numbers(cell)
+            assert 0 <= p50 <= p99 < 60_000, (load, latency)
+
+
+def test_the_quick_bench_prints_every_row_with_sane_numbers(tmp_path):
+    developer_data = tmp_path / "data"
+    table = rows(bench(developer_data))
+
+    loads = [f"{n} conv., {pace}" for n in (1, 5) for pace in ("full rate", "20 tokens/s each")]
+    check_relay_rows(table, loads, targets=3)
+    short = numbers(table["database writes per turn, 10-token reply"][0])
+    long = numbers(table["database writes per turn, 1,000-token reply"][0])
+    assert 3 <= short[0] <= 50 and long == short
+    [memory] = numbers(table["resident memory per idle websocket, 50 open"][0])
+    assert 0 < memory < 10_000  # KB
+    [opening] = numbers(table["server time to open a 500-message conversation"][0])
+    assert 0 < opening < 5_000  # ms
+    # It ran in a folder of its own: the developer's has no database.
+    assert not list(developer_data.glob("*.sqlite3"))
+
+
+@pytest.mark.scale_out
+def test_the_quick_bench_measures_two_workers_sharing_redis(tmp_path):
+    output = bench(tmp_path / "data", "--workers", "2", "--redis", "redis://127.0.0.1:6379/7")
+    table = rows(output)
+    loads = [
+        f"{n} conv., {pace}, 2 workers"
+        for n in (1, 5)
+        for pace in ("full rate", "20 tokens/s each")
+    ]
+    check_relay_rows(table, loads, targets=2)
+    for load in loads:  # direct SSE needs no worker: its figure is the one-worker round's
+        alone = load.removesuffix(", 2 workers")
+        assert table[f"events/s, {load}"][2] == table[f"events/s, {alone}"][2]
