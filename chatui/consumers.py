@@ -149,9 +149,6 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         await turns.start_turn(turn, self.conversation, self.run)
 
     def start_turn(self, frame: SendFrame) -> tuple[Turn, bool]:
-        existing = self.conversation.turns.filter(otid=frame.otid).first() if frame.otid else None
-        if existing is None:
-            self.conversation.check_send_rate()
         turn, created = self.conversation.start_turn(frame.text, frame.otid, frame.attachments)
         self.user_message_frame = turn.user_message.as_frame()
         self.run = turns.TurnRun(turn, self.conversation) if created else None

@@ -16,6 +16,7 @@ from django.conf import settings
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
 from django.utils import timezone
+from django.utils.functional import cached_property
 
 
 class TargetKind(models.TextChoices):
@@ -79,17 +80,21 @@ class Conversation(models.Model):
         A resend with an otid this conversation already has (a browser that lost its
         socket right after sending) returns the existing turn instead of a duplicate; the
         second value says whether the turn is new. Raises TurnActive when a turn is
-        still running here.
+        still running here, SendRateExceeded when the owner sent too much lately.
         """
         otid = otid or str(uuid.uuid4())
         existing = self.turns.filter(otid=otid).first()
         if existing is not None:
             return existing, False
+        self.check_send_rate()
         pending = list(self.pending_approvals())
         if pending:
             raise ApprovalPending(pending)
-        images = list(self.attachments.filter(pk__in=attachments or [], message=None))
-        if len(images) != len(attachments or []):
+        attachments = attachments or []
+        images = []
+        if attachments:
+            images = list(self.attachments.filter(pk__in=attachments, message=None))
+        if len(images) != len(attachments):
             raise AttachmentMissing()
         try:
             with transaction.atomic():
@@ -118,6 +123,9 @@ class Conversation(models.Model):
                 self.save(update_fields=["updated_at", "title"])
         except IntegrityError as error:
             raise TurnActive(self.active_turn()) from error
+        # What the first frames need, without asking the database again.
+        message.image_list = images
+        turn.user_message = message
         return turn, True
 
 
@@ -217,7 +225,7 @@ class Turn(models.Model):
     def is_active(self) -> bool:
         return self.status in self.ACTIVE
 
-    @property
+    @cached_property
     def user_message(self) -> Message | None:
         return self.messages.filter(kind=Message.Kind.USER).first()
 
