@@ -220,6 +220,14 @@ def conversation_link(conversation: Conversation) -> str:
     return format_html('<a href="{}">{}</a>', url, conversation)
 
 
+class ConversationPartAdmin(RecordAdmin):
+    """A record of one conversation (its `conversation`), linked to that conversation."""
+
+    @admin.display(description="Conversation", ordering="conversation__title")
+    def conversation_title(self, part: Any) -> str:
+        return conversation_link(part.conversation)
+
+
 @admin.register(Conversation)
 class ConversationAdmin(RecordAdmin):
     list_display = [
@@ -434,7 +442,7 @@ def export_filename(extension: str) -> str:
 
 
 @admin.register(Turn)
-class TurnAdmin(RecordAdmin):
+class TurnAdmin(ConversationPartAdmin):
     list_display = [
         "__str__",
         "conversation_title",
@@ -471,10 +479,6 @@ class TurnAdmin(RecordAdmin):
     ]
     fields = readonly_fields
 
-    @admin.display(description="Conversation", ordering="conversation__title")
-    def conversation_title(self, turn: Turn) -> str:
-        return conversation_link(turn.conversation)
-
     @admin.display(description="Tokens")
     def tokens(self, turn: Turn) -> str:
         total = (turn.usage or {}).get("total_tokens")
@@ -482,7 +486,7 @@ class TurnAdmin(RecordAdmin):
 
 
 @admin.register(Message)
-class MessageAdmin(RecordAdmin):
+class MessageAdmin(ConversationPartAdmin):
     list_display = ["__str__", "conversation_title", "kind", "sender", "created_at", "letta_id"]
     list_filter = ["kind", "created_at"]
     list_select_related = ["conversation"]
@@ -506,10 +510,6 @@ class MessageAdmin(RecordAdmin):
     ]
     fields = readonly_fields
 
-    @admin.display(description="Conversation", ordering="conversation__title")
-    def conversation_title(self, message: Message) -> str:
-        return conversation_link(message.conversation)
-
     @admin.display(description="As the chat shows it")
     def rendered(self, message: Message) -> str:
         html = render_to_string("admin/chatui/conversation/_message.html", {"message": message})
@@ -517,7 +517,7 @@ class MessageAdmin(RecordAdmin):
 
 
 @admin.register(ApprovalRequest)
-class ApprovalRequestAdmin(RecordAdmin):
+class ApprovalRequestAdmin(ConversationPartAdmin):
     list_display = [
         "tool_name",
         "kind",
@@ -549,10 +549,6 @@ class ApprovalRequestAdmin(RecordAdmin):
         "decision_turn",
     ]
     fields = readonly_fields
-
-    @admin.display(description="Conversation", ordering="conversation__title")
-    def conversation_title(self, request: ApprovalRequest) -> str:
-        return conversation_link(request.conversation)
 
     @admin.display(description="Reason or answer")
     def reason_excerpt(self, request: ApprovalRequest) -> str:
