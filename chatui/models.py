@@ -76,6 +76,7 @@ class Conversation(models.Model):
         self, text: str, otid: str | None = None, attachments: list[int] | None = None
     ) -> tuple[Turn, bool]:
         """Save the user's message and a new turn for it, before anything goes upstream.
+        The turn is stored with its first attempt counted (TurnRun.begin_early).
 
         A resend with an otid this conversation already has (a browser that lost its
         socket right after sending) returns the existing turn instead of a duplicate; the
@@ -103,6 +104,7 @@ class Conversation(models.Model):
                     otid=otid,
                     status=Turn.Status.RUNNING,
                     worker=this_worker(),
+                    attempts=1,
                     request={"type": "message", "role": "user", "content": text, "otid": otid},
                     options=self.options,
                 )
@@ -228,6 +230,14 @@ class Turn(models.Model):
     @cached_property
     def user_message(self) -> Message | None:
         return self.messages.filter(kind=Message.Kind.USER).first()
+
+    def images(self) -> list[Attachment]:
+        """The images sent with this turn's message: known without asking the database
+        again when the message was just stored."""
+        known = getattr(self.__dict__.get("user_message"), "image_list", None)
+        if known is not None:
+            return known
+        return list(Attachment.objects.filter(message__turn=self))
 
     def finish(
         self,

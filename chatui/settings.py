@@ -100,6 +100,9 @@ TEMPLATES = [
 DATABASES = {
     "default": dj_database_url.parse(
         os.environ.get("DATABASE_URL") or f"sqlite:///{DATA_DIR / 'db.sqlite3'}",
+        # 0: a connection per trip to the database thread. Kept open, SQLite trips are
+        # cheaper but the database thread then starves the event loop of the GIL when many
+        # turns start at once (README, Benchmark).
         conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
     )
 }

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from channels.db import aclose_old_connections, database_sync_to_async
+from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from pydantic import TypeAdapter
@@ -41,7 +41,6 @@ from chatui.letta.schemas import ClientTool, GroupRequest, RequestMessage, Strea
 from chatui.models import (
     AgentLock,
     ApprovalRequest,
-    Attachment,
     Conversation,
     Message,
     TargetKind,
@@ -246,7 +245,7 @@ class TurnRun:
         if self.turn.kind == Turn.Kind.APPROVAL and settings.LETTA_BASE_URL in legacy_approvals:
             item = self.turn.legacy_approval_request() or item
         if self.turn.kind == Turn.Kind.MESSAGE:
-            images = [a.as_content() for a in Attachment.objects.filter(message__turn=self.turn)]
+            images = [attachment.as_content() for attachment in self.turn.images()]
             if images:
                 text = [{"type": "text", "text": item["content"]}] if item["content"] else []
                 item = {**item, "content": text + images}
@@ -262,7 +261,7 @@ class TurnRun:
 
     async def stream(self) -> None:
         try:
-            async with LettaClient.from_settings() as client:
+            async with LettaClient.from_settings(shared=True) as client:
                 await self.wait_for_agent()
                 self.client = client
                 try:
@@ -530,10 +529,11 @@ class TurnRun:
         return self.acquire()
 
     def begin_early(self) -> None:
-        """begin() on the trip that stored the turn (sync code); on failure the runner
-        tries again itself, and fails the turn readably if it must."""
+        """begin() on the trip that stored the turn (sync code), which counted the
+        attempt already; on failure the runner tries again itself, and fails the turn
+        readably if it must."""
         try:
-            self.begun = self.begin()
+            self.begun = self.acquire()
         except Exception:
             log.exception("turn %s: could not begin with its send", self.turn.pk)
 
@@ -589,7 +589,6 @@ class TurnRun:
         code, text = self.error or ("", "")
         if self.recording is not None:
             await self.recording
-        await aclose_old_connections()
         await database_sync_to_async(self.conclude)(
             status, stop_reason=self.stop_reason, usage=self.usage, error=text, error_code=code
         )

@@ -866,6 +866,29 @@ async def test_from_settings_uses_the_django_settings(upstream, settings):
     assert upstream.requests[0].headers["Authorization"] == f"Bearer {API_KEY}"
 
 
+async def test_shared_clients_keep_one_connection_alive_between_them(upstream, settings):
+    """Turns use the loop's pool: one kept-alive connection serves client after client,
+    and closing a shared client leaves the pool open; a client of its own connects anew."""
+    settings.LETTA_BASE_URL = upstream.url
+    peers = []
+
+    async def models(request: web.Request) -> web.StreamResponse:
+        peers.append(request.transport.get_extra_info("peername"))
+        return web.json_response([])
+
+    upstream.on("GET", "/v1/models/", models)
+    for _ in range(3):
+        async with LettaClient.from_settings(shared=True) as client:
+            await client.list_models()
+    assert len(set(peers)) == 1
+    async with LettaClient.from_settings() as own:
+        await own.list_models()
+    assert len(set(peers)) == 2
+    async with LettaClient.from_settings(shared=True) as client:
+        await client.list_models()
+    assert peers[-1] == peers[0]
+
+
 async def test_a_stream_assembles_end_to_end(upstream, letta):
     upstream.on(
         "POST",

@@ -8,6 +8,7 @@ Authorization header: it is never logged and never part of an exception's text.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import functools
 import json
@@ -250,8 +251,41 @@ def tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+# Kept-alive connections to Letta, shared by every client of one event loop and server:
+# a turn reuses one instead of connecting. Idle ones go before Letta's (uvicorn's 5 s)
+# would, so a request never races the server closing its connection.
+KEEPALIVE_SECONDS = 3.0
+POOLS = "chatui_letta_pools"  # the loop's attribute: the pools go with their loop
+
+
+def shared_http(base_url: str, api_key: str, timeout: httpx.Timeout) -> httpx.AsyncClient:
+    """The running loop's pooled HTTP client for one server and key."""
+    loop = asyncio.get_running_loop()
+    by_server: dict[tuple, httpx.AsyncClient] = loop.__dict__.setdefault(POOLS, {})
+    key = (base_url, api_key, timeout.connect, timeout.read)
+    http = by_server.get(key)
+    if http is None or http.is_closed:
+        http = by_server[key] = httpx.AsyncClient(
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+            timeout=timeout,
+            verify=tls_context(),
+            # One connection per streaming turn: no cap but the agents' own locks.
+            limits=httpx.Limits(
+                max_connections=None,
+                max_keepalive_connections=100,
+                keepalive_expiry=KEEPALIVE_SECONDS,
+            ),
+        )
+    return http
+
+
 class LettaClient:
-    """Async client for one Letta server; use it as `async with LettaClient(...)`."""
+    """Async client for one Letta server; use it as `async with LettaClient(...)`.
+
+    A `shared` client uses its event loop's connection pool (for a long-lived loop:
+    the server's); any other has a pool of its own, closed with it.
+    """
 
     def __init__(
         self,
@@ -261,19 +295,25 @@ class LettaClient:
         connect_timeout: float = 5.0,
         read_timeout: float = 120.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        shared: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._api_key = api_key
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            headers=headers,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            transport=transport,
-            verify=tls_context(),
-        )
+        timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        self._shared = shared and transport is None
+        if self._shared:
+            self._http = shared_http(self.base_url, api_key, timeout)
+        else:
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url,
+                headers=headers,
+                timeout=timeout,
+                transport=transport,
+                verify=tls_context(),
+            )
 
     @classmethod
     def from_settings(cls, **kwargs: Any) -> LettaClient:
@@ -303,7 +343,8 @@ class LettaClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        if not self._shared:  # the loop's pool outlives its clients
+            await self._http.aclose()
 
     # --- streams ---------------------------------------------------------------
 
