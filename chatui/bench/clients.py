@@ -20,6 +20,7 @@ import asyncio
 import json
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +29,7 @@ import aiohttp
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-STAMP = re.compile(r" (\d+)@(\d+)")
+STAMP = re.compile(r" (\d+)#(\d+)")
 CONNECT_BATCH = 100
 # As the page: a running turn quiet this long (seconds) makes it sync again.
 QUIET_RESYNC = 5.0
@@ -256,7 +257,8 @@ class Page:
 
 async def chatui_turn(socket: ClientConnection, text: str, tally: Tally) -> Tally:
     page = Page(socket, tally)
-    await socket.send(json.dumps({"type": "send", "text": text}))
+    # With an otid, as the page sends it (a resend of it is harmless).
+    await socket.send(json.dumps({"type": "send", "text": text, "otid": str(uuid.uuid4())}))
     while True:
         try:
             async with asyncio.timeout(page.quiet):
