@@ -529,9 +529,9 @@ class TurnRun:
         return self.acquire()
 
     def begin_early(self) -> None:
-        """begin() on the trip that stored the turn (sync code), which counted the
-        attempt already; on failure the runner tries again itself, and fails the turn
-        readably if it must."""
+        """Take the agent's lock on the trip that stored the turn (sync code), which
+        counted the attempt already; on failure the runner tries begin() itself, and
+        fails the turn readably if it must."""
         try:
             self.begun = self.acquire()
         except Exception:

@@ -258,6 +258,19 @@ KEEPALIVE_SECONDS = 3.0
 POOLS = "chatui_letta_pools"  # the loop's attribute: the pools go with their loop
 
 
+def http_client(
+    base_url: str, api_key: str, timeout: httpx.Timeout, **options: Any
+) -> httpx.AsyncClient:
+    """An HTTP client for one Letta server and key (`options`: httpx's own)."""
+    return httpx.AsyncClient(
+        base_url=base_url,
+        headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+        timeout=timeout,
+        verify=tls_context(),
+        **options,
+    )
+
+
 def shared_http(base_url: str, api_key: str, timeout: httpx.Timeout) -> httpx.AsyncClient:
     """The running loop's pooled HTTP client for one server and key."""
     loop = asyncio.get_running_loop()
@@ -265,11 +278,10 @@ def shared_http(base_url: str, api_key: str, timeout: httpx.Timeout) -> httpx.As
     key = (base_url, api_key, timeout.connect, timeout.read)
     http = by_server.get(key)
     if http is None or http.is_closed:
-        http = by_server[key] = httpx.AsyncClient(
-            base_url=base_url,
-            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
-            timeout=timeout,
-            verify=tls_context(),
+        http = by_server[key] = http_client(
+            base_url,
+            api_key,
+            timeout,
             # One connection per streaming turn: no cap but the agents' own locks.
             limits=httpx.Limits(
                 max_connections=None,
@@ -306,14 +318,7 @@ class LettaClient:
         if self._shared:
             self._http = shared_http(self.base_url, api_key, timeout)
         else:
-            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-            self._http = httpx.AsyncClient(
-                base_url=self.base_url,
-                headers=headers,
-                timeout=timeout,
-                transport=transport,
-                verify=tls_context(),
-            )
+            self._http = http_client(self.base_url, api_key, timeout, transport=transport)
 
     @classmethod
     def from_settings(cls, **kwargs: Any) -> LettaClient:
