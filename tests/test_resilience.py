@@ -187,18 +187,26 @@ async def test_connecting_to_a_conversation_takes_over_its_orphaned_turn(chat, d
 # -- one agent, one request at a time --------------------------------------------------------
 
 
+async def two_people_on_echo(user, other_user, user_cookie, other_user_cookie):
+    """Two people's conversations with the one Echo agent, each with its socket open:
+    [(conversation, socket), (conversation, socket)]."""
+    opened = []
+    for owner, cookie in ((user, user_cookie), (other_user, other_user_cookie)):
+        conversation = await database_sync_to_async(Conversation.objects.create)(
+            owner=owner, target_id=ECHO, target_name="Echo"
+        )
+        socket, _, _ = await connect(conversation, cookie=cookie)
+        opened.append((conversation, socket))
+    return opened
+
+
 async def test_two_conversations_on_one_agent_take_turns(
     demo, user, other_user, user_cookie, other_user_cookie
 ):
     demo.config(token_delay=0.03)
-    first_chat = await database_sync_to_async(Conversation.objects.create)(
-        owner=user, target_id=ECHO, target_name="Echo"
+    (first_chat, first), (second_chat, second) = await two_people_on_echo(
+        user, other_user, user_cookie, other_user_cookie
     )
-    second_chat = await database_sync_to_async(Conversation.objects.create)(
-        owner=other_user, target_id=ECHO, target_name="Echo"
-    )
-    first, _, _ = await connect(first_chat, cookie=user_cookie)
-    second, _, _ = await connect(second_chat, cookie=other_user_cookie)
     await send(first, "/tokens 20")
     await receive_until(first, lambda f: f["type"] == "delta")
     await send(second, "/tokens 3")
@@ -226,14 +234,9 @@ async def test_stopping_a_queued_turn_sends_nothing_upstream(
     demo, user, other_user, user_cookie, other_user_cookie
 ):
     demo.config(token_delay=0.05)
-    first_chat = await database_sync_to_async(Conversation.objects.create)(
-        owner=user, target_id=ECHO, target_name="Echo"
+    (first_chat, first), (second_chat, second) = await two_people_on_echo(
+        user, other_user, user_cookie, other_user_cookie
     )
-    second_chat = await database_sync_to_async(Conversation.objects.create)(
-        owner=other_user, target_id=ECHO, target_name="Echo"
-    )
-    first, _, _ = await connect(first_chat, cookie=user_cookie)
-    second, _, _ = await connect(second_chat, cookie=other_user_cookie)
     await send(first, "/tokens 30")
     await receive_until(first, lambda f: f["type"] == "delta")
     await send(second, "later")
