@@ -17,6 +17,9 @@ from django.db import IntegrityError, models, transaction
 from django.db.models import Q
 from django.utils import timezone
 from django.utils.functional import cached_property
+from django.utils.safestring import SafeString
+
+from chatui.rendering import render_markdown, sanitise
 
 
 class TargetKind(models.TextChoices):
@@ -415,6 +418,9 @@ class Message(models.Model):
     sender_id = models.CharField(max_length=64, blank=True)
     # Plain text for display and search: the content, reasoning, tool arguments or result.
     text = models.TextField(blank=True)
+    # The text as HTML, rendered from its markdown once, when the message is stored
+    # (agent answers and reasoning only): opening a conversation does not parse it again.
+    html = models.TextField(blank=True, editable=False)
     # The complete message as Letta sent it (or as chatui sent it, for the user's).
     payload = models.JSONField(default=dict)
     created_at = models.DateTimeField(default=timezone.now)
@@ -465,6 +471,7 @@ class Message(models.Model):
             text=text_of(data),
             payload=data,
         )
+        message.render()
         try:
             with transaction.atomic():
                 message.save()
@@ -472,9 +479,23 @@ class Message(models.Model):
             existing = cls.objects.get(turn=turn, kind=message.kind, letta_id=message.letta_id)
             if existing.payload != message.payload:
                 existing.text, existing.payload = message.text, message.payload
-                existing.save(update_fields=["text", "payload"])
+                existing.html = message.html
+                existing.save(update_fields=["text", "payload", "html"])
             return existing
         return message
+
+    def render(self) -> None:
+        """Render the text's markdown into `html`, for the kinds that show it."""
+        self.html = render_markdown(self.text) if self.kind in MARKDOWN_KINDS else ""
+
+    @property
+    def text_html(self) -> SafeString:
+        """The text as sanitised HTML. What was stored is sanitised again (cheap, next to
+        parsing markdown), so the page never trusts HTML just because it was in the
+        database; messages stored before `html` existed are rendered now."""
+        if self.html:
+            return sanitise(self.html)
+        return render_markdown(self.text)
 
     @property
     def key(self) -> str:
@@ -890,6 +911,7 @@ KIND_BY_MESSAGE_TYPE = {
     "event_message": Message.Kind.EVENT,
 }
 TOOL_KINDS = {Message.Kind.TOOL_CALL, Message.Kind.APPROVAL_REQUEST}
+MARKDOWN_KINDS = {Message.Kind.ASSISTANT, Message.Kind.REASONING}
 
 
 def content_text(content: Any) -> str:

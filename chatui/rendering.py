@@ -59,7 +59,11 @@ def parser() -> MarkdownIt:
 
 def render_markdown(text: str) -> SafeString:
     """Agent text as sanitised HTML."""
-    html = parser().render(text or "")
+    return sanitise(parser().render(text or ""))
+
+
+def sanitise(html: str) -> SafeString:
+    """HTML cut down to the allowlist: no scripts, no handlers, no `javascript:`."""
     clean = nh3.clean(
         html,
         tags=ALLOWED_TAGS,

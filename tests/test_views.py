@@ -15,6 +15,7 @@ from django.test import Client
 from django.urls import reverse
 
 from chatui.demo.agents import AGENTS, GROUPS, XSS_ANSWER, XSS_INLINE, Ada, Lin
+from chatui.letta.schemas import AssistantMessage
 from chatui.models import ApprovalRequest, Attachment, Conversation, Message, Turn
 
 pytestmark = pytest.mark.django_db
@@ -466,6 +467,38 @@ def test_message_frames_render_with_the_page_template(conversation):
     )
     assert f'data-turn="{turn.pk}"' in frame["html"]
     assert "<strong>bold</strong>" in frame["html"] and "<script>" not in frame["html"]
+
+
+def test_an_answer_is_rendered_once_when_it_is_stored(signed_in, conversation):
+    turn = add_turn(conversation, "hi")
+    answer = AssistantMessage(id="message-10", content="Some **bold** [x](javascript:alert(1))")
+    message = Message.store(turn, answer)
+    assert message.html == Message.objects.get(pk=message.pk).html
+    assert "<strong>bold</strong>" in message.html and "href" not in message.html
+    # The page shows what was stored, not the markdown parsed again.
+    Message.objects.filter(pk=message.pk).update(html="<p>as <em>stored</em></p>")
+    page = signed_in.get(reverse("conversation", args=[conversation.pk])).content.decode()
+    assert "<p>as <em>stored</em></p>" in page and "<strong>bold</strong>" not in page
+
+
+def test_stored_html_is_sanitised_again_on_the_page(signed_in, conversation):
+    turn = add_turn(conversation, "hi")
+    message = add_message(turn, "assistant", "harmless", id="message-11")
+    Message.objects.filter(pk=message.pk).update(
+        html='<p onclick="alert(1)">hi</p><script>alert(2)</script><img src=x onerror=alert(3)>'
+    )
+    page = signed_in.get(reverse("conversation", args=[conversation.pk])).content.decode()
+    tags = Elements.of(page)
+    assert not [tag for tag, _ in tags if tag == "img"]
+    assert not [(tag, name) for tag, attrs in tags for name in attrs if name.startswith("on")]
+    assert "alert(2)" not in page
+
+
+def test_messages_stored_before_html_existed_are_rendered_on_the_page(signed_in, conversation):
+    turn = add_turn(conversation, "hi")
+    add_message(turn, "reasoning", "Thinking *hard*", id="message-12")  # no html stored
+    page = signed_in.get(reverse("conversation", args=[conversation.pk])).content.decode()
+    assert "Thinking <em>hard</em>" in page
 
 
 # -- rename and delete -------------------------------------------------------------------

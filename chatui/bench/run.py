@@ -246,16 +246,16 @@ def long_conversation(messages: int) -> tuple[int, Any]:
     rows = []
     for n, turn in enumerate(turns):
         rows.append(Message(conversation=chat, turn=turn, kind="user", text=f"Question {n}?"))
-        rows.append(
-            Message(
-                conversation=chat,
-                turn=turn,
-                kind="assistant",
-                letta_id=f"message-{uuid.uuid4()}",
-                text=answer,
-                payload={"message_type": "assistant_message", "content": answer},
-            )
+        reply = Message(
+            conversation=chat,
+            turn=turn,
+            kind="assistant",
+            letta_id=f"message-{uuid.uuid4()}",
+            text=answer,
+            payload={"message_type": "assistant_message", "content": answer},
         )
+        reply.render()  # as Message.store does
+        rows.append(reply)
     Message.objects.bulk_create(rows, batch_size=500)
     return chat.pk, owner
 

@@ -21,12 +21,6 @@ PALETTE = 6
 
 
 @register.filter
-def markdown(text: str) -> SafeString:
-    """Agent-written markdown as sanitised HTML (see chatui.rendering)."""
-    return rendering.render_markdown(text)
-
-
-@register.filter
 def pretty_json(value: Any) -> SafeString:
     """Tool arguments or results, indented and escaped; put it inside <pre>."""
     return rendering.render_json(value)
