@@ -432,3 +432,36 @@ async def test_many_turns_at_once_reach_every_socket_on_both_workers_once(worker
         assert ended["status"] == "completed"
         assert list(texts.values()) == [expected]
         assert len(pieces) == len(set(pieces)), "a piece came twice"
+
+
+def test_trips_to_postgres_reuse_pooled_sessions(workers):
+    """Each trip to the database thread closes its connection; on PostgreSQL that hands
+    it back to the process's pool instead of ending the session."""
+    a, _ = workers
+    result = a.manage(
+        "shell",
+        "-v",
+        "0",
+        "-c",
+        "from tests.test_scale_out import backends; backends(20)",
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    pids = json.loads(result.stdout.strip().splitlines()[-1])
+    # Without a pool every trip is a new session: 20 server processes.
+    assert len(pids) == 20 and len(set(pids)) <= 4, pids
+
+
+def backends(trips: int) -> None:
+    """Run in a worker's environment: the server process of each of `trips` trips."""
+    from django.db import close_old_connections, connection
+
+    assert connection.settings_dict["OPTIONS"].get("pool"), connection.settings_dict
+    pids = []
+    for _ in range(trips):
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid()")
+            pids.append(cursor.fetchone()[0])
+        connection.close()  # what every trip's end does (CONN_MAX_AGE = 0)
+        close_old_connections()
+    print(json.dumps(pids))
