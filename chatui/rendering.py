@@ -48,18 +48,30 @@ def highlight_code(code: str, language: str, _attrs: Any) -> str:
     return highlight(code, lexer, CODE_FORMATTER)
 
 
-@lru_cache(maxsize=1)
-def parser() -> MarkdownIt:
+@lru_cache(maxsize=2)
+def parser(linkify: bool = True) -> MarkdownIt:
     md = MarkdownIt(
         "commonmark",
-        {"html": False, "linkify": True, "typographer": False, "highlight": highlight_code},
+        {"html": False, "linkify": linkify, "typographer": False, "highlight": highlight_code},
     )
-    return md.enable(["table", "strikethrough", "linkify"])
+    return md.enable(["table", "strikethrough", *(["linkify"] if linkify else [])])
+
+
+def may_have_links(text: str) -> bool:
+    """Whether linkify could find a bare link anywhere in `text`.
+
+    Looking for links is three quarters of rendering an answer, and most answers have
+    none. linkify-it's own pretest never misses a link; its `http:`, `ftp:` and `//`
+    part wants a boundary before the scheme that block markup (a table's `|`) can hide,
+    so any `//` or `mailto:` counts as well.
+    """
+    return "//" in text or "mailto:" in text.lower() or parser().linkify.pretest(text)
 
 
 def render_markdown(text: str) -> SafeString:
     """Agent text as sanitised HTML."""
-    return sanitise(parser().render(text or ""))
+    text = text or ""
+    return sanitise(parser(linkify=may_have_links(text)).render(text))
 
 
 def sanitise(html: str) -> SafeString:
