@@ -63,9 +63,10 @@ def may_have_links(text: str) -> bool:
     Looking for links is three quarters of rendering an answer, and most answers have
     none. linkify-it's own pretest never misses a link; its `http:`, `ftp:` and `//`
     part wants a boundary before the scheme that block markup (a table's `|`) can hide,
-    so any `//` or `mailto:` counts as well.
+    so any `//` counts as well. (A `mailto:` link holds an `@`, which the pretest
+    takes without a boundary.)
     """
-    return "//" in text or "mailto:" in text.lower() or parser().linkify.pretest(text)
+    return "//" in text or parser().linkify.pretest(text)
 
 
 def render_markdown(text: str) -> SafeString:

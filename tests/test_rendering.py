@@ -16,6 +16,7 @@ WITH_LINKS = [
     "Write to ada@example.com please",
     "Or mailto:ada@example.com",
     "| site | note |\n|---|---|\n|https://example.com/a|first|\n",
+    "| who | how |\n|---|---|\n|Ada|mailto:ada@example.com|\n",
     "> quoted https://example.com/q\n",
     "- listed www.example.org\n- and more",
     "Local: http://localhost:8283/v1/health/",
