@@ -454,7 +454,7 @@ def test_trips_to_postgres_reuse_pooled_sessions(workers):
 
 def backends(trips: int) -> None:
     """Run in a worker's environment: the server process of each of `trips` trips."""
-    from django.db import close_old_connections, connection
+    from django.db import connection
 
     assert connection.settings_dict["OPTIONS"].get("pool"), connection.settings_dict
     pids = []
@@ -463,5 +463,4 @@ def backends(trips: int) -> None:
             cursor.execute("SELECT pg_backend_pid()")
             pids.append(cursor.fetchone()[0])
         connection.close()  # what every trip's end does (CONN_MAX_AGE = 0)
-        close_old_connections()
     print(json.dumps(pids))
