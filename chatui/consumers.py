@@ -71,6 +71,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if conversation is None:
             await self.close(code=CLOSE_FORBIDDEN)
             return
+        conversation.owner = user  # what the filter matched: no query to load it again
         self.conversation = conversation
         # Frames of other processes come through the layer; this process's come directly.
         await self.channel_layer.group_add(conversation.group_name, self.channel_name)

@@ -87,51 +87,57 @@ class Conversation(models.Model):
         still running here, SendRateExceeded when the owner sent too much lately.
         """
         otid = otid or str(uuid.uuid4())
-        existing = self.turns.filter(otid=otid).first()
-        if existing is not None:
-            return existing, False
+        try:
+            return self.store_turn(text, otid, attachments or []), True
+        except (IntegrityError, SendRateExceeded, ApprovalPending, AttachmentMissing) as refused:
+            # A resend is rare: only a refusal looks for the turn it may repeat.
+            existing = self.turns.filter(otid=otid).first()
+            if existing is not None:
+                return existing, False
+            if isinstance(refused, IntegrityError):  # the one running turn is another
+                raise TurnActive(self.active_turn()) from refused
+            raise
+
+    def store_turn(self, text: str, otid: str, attachments: list[int]) -> Turn:
+        """Check that the owner may send now, then store the turn and its message."""
         self.check_send_rate()
         pending = list(self.pending_approvals())
         if pending:
             raise ApprovalPending(pending)
-        attachments = attachments or []
         images = []
         if attachments:
             images = list(self.attachments.filter(pk__in=attachments, message=None))
         if len(images) != len(attachments):
             raise AttachmentMissing()
-        try:
-            with transaction.atomic():
-                turn = Turn.objects.create(
-                    conversation=self,
-                    otid=otid,
-                    status=Turn.Status.RUNNING,
-                    worker=this_worker(),
-                    attempts=1,
-                    request={"type": "message", "role": "user", "content": text, "otid": otid},
-                    options=self.options,
-                )
-                message = Message.objects.create(
-                    conversation=self,
-                    turn=turn,
-                    kind=Message.Kind.USER,
-                    otid=otid,
-                    sender=self.owner.get_username(),
-                    text=text,
-                    payload={"role": "user", "content": text, "otid": otid},
-                )
-                if images:
-                    Attachment.objects.filter(pk__in=[i.pk for i in images]).update(message=message)
-                self.updated_at = timezone.now()
-                if not self.title:
-                    self.title = " ".join(text.split())[:80] or "Images"
-                self.save(update_fields=["updated_at", "title"])
-        except IntegrityError as error:
-            raise TurnActive(self.active_turn()) from error
+        with transaction.atomic():
+            turn = Turn.objects.create(
+                conversation=self,
+                otid=otid,
+                status=Turn.Status.RUNNING,
+                worker=this_worker(),
+                attempts=1,
+                request={"type": "message", "role": "user", "content": text, "otid": otid},
+                options=self.options,
+            )
+            message = Message.objects.create(
+                conversation=self,
+                turn=turn,
+                kind=Message.Kind.USER,
+                otid=otid,
+                sender=self.owner.get_username(),
+                text=text,
+                payload={"role": "user", "content": text, "otid": otid},
+            )
+            if images:
+                Attachment.objects.filter(pk__in=[i.pk for i in images]).update(message=message)
+            self.updated_at = timezone.now()
+            if not self.title:
+                self.title = " ".join(text.split())[:80] or "Images"
+            self.save(update_fields=["updated_at", "title"])
         # What the first frames need, without asking the database again.
         message.image_list = images
         turn.user_message = message
-        return turn, True
+        return turn
 
 
 def this_worker() -> str:
@@ -864,7 +870,13 @@ class AgentLock(models.Model):
         from chatui.workers import is_orphaned
 
         agent_id = turn.conversation.target_id
+        queued_earlier = Turn.objects.filter(
+            conversation__target_id=agent_id, status=Turn.Status.QUEUED, pk__lt=turn.pk
+        )
         with transaction.atomic():
+            # Mostly the agent is free and nobody queues for it: take it at once.
+            if not queued_earlier.exists() and cls.take(agent_id, turn):
+                return True
             held = (
                 cls.objects.select_for_update()
                 .select_related("turn")
@@ -877,16 +889,16 @@ class AgentLock(models.Model):
                 if held.turn.status in Turn.ACTIVE and not is_orphaned(held.turn):
                     return False
                 held.delete()
-            queued_earlier = Turn.objects.filter(
-                conversation__target_id=agent_id, status=Turn.Status.QUEUED, pk__lt=turn.pk
-            )
-            if queued_earlier.exists():
-                return False
-            try:
-                with transaction.atomic():
-                    cls.objects.create(agent_id=agent_id, turn=turn, worker=this_worker())
-            except IntegrityError:
-                return False
+            return not queued_earlier.exists() and cls.take(agent_id, turn)
+
+    @classmethod
+    def take(cls, agent_id: str, turn: Turn) -> bool:
+        """Store the lock; False when another turn holds it."""
+        try:
+            with transaction.atomic():
+                cls.objects.create(agent_id=agent_id, turn=turn, worker=this_worker())
+        except IntegrityError:
+            return False
         return True
 
     @classmethod

@@ -541,6 +541,24 @@ async def test_sending_too_fast_is_refused_with_a_clear_message(chat, user_cooki
     await communicator.disconnect()
 
 
+async def test_a_resend_at_the_send_limit_still_gets_its_turn(chat, user_cookie, settings):
+    """A resend is looked for when a send is refused: at the limit, the browser that
+    lost its socket right after sending learns how its message went."""
+    settings.SEND_RATE_LIMIT = 1
+    communicator, _, _ = await connect(chat, cookie=user_cookie)
+    await send(communicator, "/tokens 1", otid="otid-at-limit-001")
+    await receive_until(communicator, turn_ended)
+    await wait_for_runner(chat)
+    await send(communicator, "/tokens 1", otid="otid-at-limit-001")
+    again = await receive_until(communicator, lambda f: f["type"] in ("turn", "error"))
+    assert again[-1]["type"] == "turn" and again[-1]["turn"]["status"] == "completed"
+    await send(communicator, "/tokens 1", otid="otid-at-limit-002")  # a new message is not
+    error = (await receive_until(communicator, lambda f: f["type"] == "error"))[-1]
+    assert error["code"] == "rate_limited"
+    assert await database_sync_to_async(Turn.objects.count)() == 1
+    await communicator.disconnect()
+
+
 async def test_stop_with_nothing_running_says_so(chat, user_cookie):
     communicator, _, _ = await connect(chat, cookie=user_cookie)
     await communicator.send_json_to({"type": "stop"})
