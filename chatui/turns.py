@@ -379,7 +379,11 @@ class TurnRun:
             async with stream:
                 stepped_aside = time.monotonic()
                 async for event in stream:
-                    await self.handle(self.assembler.feed(event))
+                    for update in self.assembler.feed(event):
+                        if type(update) is Delta:  # most events: no need to await
+                            self.take_delta(update)
+                        else:
+                            await self.handle([update])
                     if stream.run_id and stream.run_id != self.run_id:
                         self.remember_run(stream.run_id)
                     # Reading a burst does not wait for the network: let a frame just
@@ -605,8 +609,7 @@ class TurnRun:
     async def handle(self, updates: list) -> None:
         for update in updates:
             if isinstance(update, Delta):
-                self.outbox.add(update, self.sender_of(update))
-                self.schedule_flush()
+                self.take_delta(update)
             elif isinstance(update, Completed):
                 self.flush()
                 if self.awaits_decided_results(update.message):
@@ -626,6 +629,10 @@ class TurnRun:
                     self.error = ("upstream", detail)
                 else:
                     self.error = ("upstream", detail)
+
+    def take_delta(self, delta: Delta) -> None:
+        self.outbox.add(delta, self.sender_of(delta))
+        self.schedule_flush()
 
     def sender_of(self, delta: Delta) -> str:
         """The speaker's name for a message's first text piece (only groups name it)."""

@@ -153,8 +153,9 @@ class LettaStream:
     ) -> None:
         await self.aclose()
 
-    def __aiter__(self) -> LettaStream:
-        return self
+    def __aiter__(self) -> AsyncIterator[LettaMessage]:
+        # Once open, the events themselves: one step less for every token.
+        return self._events if self._events is not None else self
 
     async def __anext__(self) -> LettaMessage:
         if self._events is None:
