@@ -92,3 +92,16 @@ def test_the_quick_bench_measures_two_workers_sharing_redis(tmp_path):
     for load in loads:  # direct SSE needs no worker: its figure is the one-worker round's
         alone = load.removesuffix(", 2 workers")
         assert table[f"events/s, {load}"][2] == table[f"events/s, {alone}"][2]
+
+
+def test_a_round_reports_its_median_run():
+    from chatui.bench.clients import Relayed
+    from chatui.bench.run import median_run
+
+    def run(seconds: float) -> Relayed:
+        return Relayed("chatui", 50, 0.0, 1000, 1000, seconds, 1.0, 2.0)
+
+    runs = [run(0.9), run(0.5), run(0.7)]
+    assert median_run(runs) is runs[2]
+    assert median_run(runs[:2]) is runs[0]  # of two, the slower
+    assert median_run(runs[:1]) is runs[0]

@@ -176,6 +176,7 @@ def as_json(results: Results) -> dict[str, Any]:
         "machine": results.machine,
         "workers": results.workers,
         "relay": [r.as_dict() for r in results.relay],
+        "relay_runs": [r.as_dict() for r in results.relay_runs],
         "writes_per_turn": {str(k): v for k, v in results.writes.items()},
         "idle_kb_per_socket": round(results.idle_kb, 2),
         "idle_sockets": results.idle_sockets,
