@@ -94,6 +94,22 @@ def test_the_quick_bench_measures_two_workers_sharing_redis(tmp_path):
         assert table[f"events/s, {load}"][2] == table[f"events/s, {alone}"][2]
 
 
+@pytest.mark.scale_out
+def test_the_quick_bench_runs_on_postgres_in_a_database_of_its_own(tmp_path):
+    import psycopg
+
+    from tests.test_scale_out import POSTGRES_URL
+
+    table = rows(output := bench(tmp_path / "data", "--postgres", POSTGRES_URL))
+    [machine] = [line for line in output.splitlines() if line.startswith("Machine:")]
+    assert "PostgreSQL" in machine, machine
+    check_relay_rows(table, ["1 conv., full rate", "5 conv., 20 tokens/s each"], targets=3)
+    assert numbers(table["database writes per turn, 10-token reply"][0])[0] >= 3
+    with psycopg.connect(f"{POSTGRES_URL}/postgres", connect_timeout=5) as admin:
+        left = admin.execute("SELECT datname FROM pg_database WHERE datname LIKE 'chatui_bench%'")
+        assert left.fetchall() == []  # dropped once the run ended
+
+
 def test_a_round_reports_its_median_run():
     from chatui.bench.clients import Relayed
     from chatui.bench.run import median_run

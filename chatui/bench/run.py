@@ -125,7 +125,8 @@ class Server:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    # DATABASE_URL here is the benchmark's own database (manage.py bench --postgres).
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(
         {
             "CHATUI_NO_VENV": "1",
@@ -460,7 +461,8 @@ def machine() -> dict[str, Any]:
     if connection.vendor == "sqlite":
         database = f"SQLite {sqlite3.sqlite_version}"
     else:
-        database = f"{connection.display_name} {connection.get_database_version()}"
+        version = ".".join(str(part) for part in connection.get_database_version())
+        database = f"{connection.display_name} {version}"
     return {
         "cores": os.cpu_count(),
         "cpu": cpu,

@@ -6,11 +6,13 @@ starts everything it needs on 127.0.0.1 (see chatui/bench/), and prints one tabl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
@@ -34,13 +36,22 @@ class Command(BaseCommand):
             default=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0",
             help="Redis for --workers (default: REDIS_URL, else 127.0.0.1:6379/0)",
         )
+        parser.add_argument(
+            "--postgres",
+            metavar="SERVER_URL",
+            help="run on PostgreSQL (e.g. postgres://postgres@127.0.0.1:5432): in a "
+            "throwaway database on that server, dropped after",
+        )
         parser.add_argument("--json", action="store_true", help="print JSON, not the table")
 
-    def handle(self, *args, quick: bool, workers: int, redis: str, json: bool, **options):
+    def handle(
+        self, *args, quick: bool, workers: int, redis: str, postgres: str, json: bool, **options
+    ):
         if workers < 1:
             raise CommandError("--workers must be 1 or more")
         if os.environ.get(BENCH_DIR) != str(settings.DATA_DIR):
-            self.run_in_a_throwaway_folder(quick, workers, redis, json)
+            with throwaway_database(postgres) as database_url:
+                self.run_in_a_throwaway_folder(quick, workers, redis, json, database_url)
             return
         if workers > 1:
             check_redis(redis)
@@ -57,17 +68,45 @@ class Command(BaseCommand):
         self.stderr.write(line)
         self.stderr.flush()
 
-    def run_in_a_throwaway_folder(self, quick: bool, workers: int, redis: str, json: bool):
+    def run_in_a_throwaway_folder(
+        self, quick: bool, workers: int, redis: str, json: bool, database_url: str
+    ):
         arguments = ["--workers", str(workers), "--redis", redis]
         arguments += ["--quick"] if quick else []
         arguments += ["--json"] if json else []
         with tempfile.TemporaryDirectory(prefix="chatui-bench-") as folder:
             env = {k: v for k, v in os.environ.items() if k not in NOT_PASSED_ON}
             env.update({"CHATUI_DATA_DIR": folder, BENCH_DIR: folder, "CHATUI_NO_VENV": "1"})
+            if database_url:  # the benchmark's own; every process it starts shares it
+                env["DATABASE_URL"] = database_url
             command = [sys.executable, str(settings.BASE_DIR / "manage.py"), "bench", *arguments]
             code = subprocess.run(command, env=env, cwd=settings.BASE_DIR).returncode
         if code:
             sys.exit(code)
+
+
+@contextlib.contextmanager
+def throwaway_database(server_url: str | None) -> Iterator[str]:
+    """A new PostgreSQL database on `server_url` for one run, dropped after ("" for
+    none: the run's SQLite file goes with its folder)."""
+    if not server_url:
+        yield ""
+        return
+    import psycopg
+
+    server = server_url.rstrip("/")
+    name = f"chatui_bench_{os.getpid()}"
+    try:
+        admin = psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=5)
+    except psycopg.OperationalError as error:
+        raise CommandError(f"--postgres: {server} does not answer ({error})") from None
+    with admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield f"{server}/{name}"
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def check_redis(url: str) -> None:
