@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import re
 import sys
 from collections.abc import Iterator
@@ -22,8 +21,10 @@ import psycopg
 import pytest
 import redis
 import websockets
+from django.core.management.base import CommandError
 
 from chatui.demo.agents import Echo
+from chatui.management.commands.bench import throwaway_database
 from tests.live_server import ChatuiServer
 from tests.test_consumers import joined, turn_ended
 from tests.test_resilience import frames_until, new_conversation
@@ -44,18 +45,12 @@ NOT_RUNNING = (
 @pytest.fixture(scope="session")
 def scale_database() -> Iterator[str]:
     """A fresh PostgreSQL database for the two workers, dropped at the end."""
-    name = f"chatui_scale_{os.getpid()}"
-    try:
-        admin = psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as error:
-        pytest.fail(NOT_RUNNING.format(what="PostgreSQL", error=error), pytrace=False)
-    with admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        admin.execute(f'CREATE DATABASE "{name}"')
+    with contextlib.ExitStack() as stack:
         try:
-            yield f"{POSTGRES_URL}/{name}"
-        finally:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            url = stack.enter_context(throwaway_database(POSTGRES_URL, prefix="chatui_scale"))
+        except CommandError as error:
+            pytest.fail(NOT_RUNNING.format(what="PostgreSQL", error=error), pytrace=False)
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ class Command(BaseCommand):
 
 
 @contextlib.contextmanager
-def throwaway_database(server_url: str | None) -> Iterator[str]:
+def throwaway_database(server_url: str | None, prefix: str = "chatui_bench") -> Iterator[str]:
     """A new PostgreSQL database on `server_url` for one run, dropped after ("" for
     none: the run's SQLite file goes with its folder)."""
     if not server_url:
@@ -95,7 +95,7 @@ def throwaway_database(server_url: str | None) -> Iterator[str]:
     import psycopg
 
     server = server_url.rstrip("/")
-    name = f"chatui_bench_{os.getpid()}"
+    name = f"{prefix}_{os.getpid()}"
     try:
         admin = psycopg.connect(f"{server}/postgres", autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as error:
