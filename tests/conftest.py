@@ -11,7 +11,7 @@ pytest_plugins = ["tests.live_server"]
 # --- chatui.letta: recordings of real Letta servers ----------------------------
 # tests/fixtures/captures/letta-<release>/ holds verbatim copies of what real Letta
 # servers sent. `letta_captures` reads them all once: name -> LettaCapture, where
-# name is "letta-<release>/<file>".
+# name is "letta-<release>/<file>" (or "letta-<release>/<folder>/<file>").
 
 LETTA_CAPTURES_DIR = Path(__file__).parent / "fixtures" / "captures"
 _HTTP_NOTE = re.compile(r"^HTTP (\d{3})$")
@@ -56,15 +56,16 @@ def read_letta_capture(path: Path) -> LettaCapture:
         kind = "sse"
     else:
         kind = "body"
-    name = f"{path.parent.name}/{path.name}"
+    name = str(path.relative_to(LETTA_CAPTURES_DIR))
     return LettaCapture(name=name, body=body, status=status, kind=kind)
 
 
 @pytest.fixture(scope="session")
 def letta_captures() -> dict[str, LettaCapture]:
     return {
-        f"{path.parent.name}/{path.name}": read_letta_capture(path)
-        for path in sorted(LETTA_CAPTURES_DIR.glob("letta-*/*"))
+        str(path.relative_to(LETTA_CAPTURES_DIR)): read_letta_capture(path)
+        for path in sorted(LETTA_CAPTURES_DIR.glob("letta-*/**/*"))
+        if path.is_file()
     }
 
 

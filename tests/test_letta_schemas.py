@@ -25,6 +25,7 @@ from chatui.letta.schemas import (
     ImageContent,
     InvalidEvent,
     InvalidId,
+    LettaConversation,
     LettaImageSource,
     LettaRequest,
     LettaResponse,
@@ -48,13 +49,25 @@ from chatui.letta.schemas import (
     parse_event,
     parse_message,
     validate_agent_id,
+    validate_conversation_id,
     validate_group_id,
     validate_run_id,
 )
 
 CAPTURES = Path(__file__).parent / "fixtures" / "captures"
-ALL_TXT = sorted(f"{p.parent.name}/{p.name}" for p in CAPTURES.glob("letta-*/*.txt"))
-ALL_JSON = sorted(f"{p.parent.name}/{p.name}" for p in CAPTURES.glob("letta-*/*.json"))
+# Where CI and developers keep the recordings: ../shared beside the project.
+SHARED_CAPTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "captures"
+
+
+def capture_names(root: Path, pattern: str) -> list[str]:
+    """Every capture file under root, as "letta-<release>/[folder/]file"."""
+    return sorted(
+        str(p.relative_to(root)) for p in root.glob(f"letta-*/**/{pattern}") if p.is_file()
+    )
+
+
+ALL_TXT = capture_names(CAPTURES, "*.txt")
+ALL_JSON = capture_names(CAPTURES, "*.json")
 
 # Every capture that is not an event stream, with the status the recorder saw
 # (its "HTTP nnn" note or its summary.json) and what the body says.
@@ -88,12 +101,12 @@ def events_of(capture) -> list:
 
 
 def test_the_fixtures_are_verbatim_copies_of_the_shared_captures():
-    shared = Path("/work/shared/captures")
+    shared = SHARED_CAPTURES
     if not shared.exists():
-        pytest.skip("the shared captures are not on this machine")
+        pytest.skip("the shared captures are not beside this checkout")
     for name in ALL_TXT + ALL_JSON:
         assert (CAPTURES / name).read_bytes() == (shared / name).read_bytes(), name
-    assert len(ALL_TXT + ALL_JSON) == len(list(shared.glob("letta-*/*")))
+    assert capture_names(CAPTURES, "*") == capture_names(shared, "*")
 
 
 @pytest.mark.parametrize("name", STREAMS)
@@ -148,6 +161,9 @@ MESSAGE_LISTS = [
     "letta-0.16.4/history_all.json",
     "letta-0.16.8/history_all.json",
     "letta-0.16.8/group_history.json",  # an empty list
+    "letta-0.16.4/parallel_approval_history.json",
+    "letta-0.16.4/conversations/conv_history_pending.json",  # newest first
+    "letta-0.16.4/conversations/agent_history_after_conv.json",
 ]
 ERROR_BODIES = {
     "letta-0.11.7/conversations_list.json": "Not Found",  # no conversations in 0.11.7
@@ -166,6 +182,8 @@ OTHER_JSON = {
     "letta-0.16.4/conversations_list.json": "empty",
     "letta-0.16.8/conversations_list.json": "empty",
     "letta-0.16.4/conversation_create.json": "conversation",
+    "letta-0.16.4/conversations/conversation_create_isolated.json": "conversation",
+    "letta-0.16.4/conversations/conv_cancel.json": "cancel",
     **{f"letta-{r}/tool_create.json": "tool" for r in ("0.11.7", "0.16.4", "0.16.8")},
     **{f"letta-{r}/summary.json": "recorder_summary" for r in ("0.11.7", "0.16.4", "0.16.8")},
 }
@@ -181,7 +199,7 @@ def test_history_captures_parse_to_known_messages(name):
     data = json.loads((CAPTURES / name).read_text())
     messages = [parse_message(item) for item in data]
     assert all(not isinstance(m, UnknownMessage) for m in messages)
-    release, file = name.split("/")
+    release, file = name.split("/", 1)
     if file == "history_all.json":
         assert [m.message_type for m in messages] == summary_of(release)["history_types"]
     # Round trip: nothing Letta sent is lost, nulls included.
@@ -236,7 +254,9 @@ def test_other_json_captures_are_what_we_think(name):
     elif kind == "empty":
         assert data == []
     elif kind == "conversation":
-        assert data["id"].startswith("conv-")
+        conversation = LettaConversation.model_validate(data)
+        assert validate_conversation_id(conversation.id)
+        assert validate_agent_id(conversation.agent_id)
     elif kind == "tool":
         assert data["name"] == "transfer_funds"
         assert data["default_requires_approval"] is True
@@ -652,7 +672,7 @@ def test_request_messages_are_told_apart_by_type():
 
 def capture_ids(prefix: str) -> set[str]:
     found = set()
-    for path in CAPTURES.glob("letta-*/*"):
+    for path in CAPTURES.glob("letta-*/**/*.*"):
         found |= set(re.findall(rf"\b{prefix}-[0-9a-f-]{{36}}\b", path.read_text()))
     return found
 

@@ -16,6 +16,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
@@ -24,9 +25,11 @@ from httpx_sse import EventSource
 
 from chatui.letta.schemas import (
     Agent,
+    Block,
     ErrorMessage,
     Group,
     InvalidEvent,
+    LettaConversation,
     LettaMessage,
     LettaRequest,
     LettaResponse,
@@ -36,6 +39,7 @@ from chatui.letta.schemas import (
     parse_event,
     parse_message,
     validate_agent_id,
+    validate_conversation_id,
     validate_group_id,
     validate_run_id,
 )
@@ -81,6 +85,36 @@ class LettaConnectionError(LettaError):
 
 class LettaProtocolError(LettaError):
     """Letta sent something that is not what its protocol promises."""
+
+
+class NoConversations(LettaError):
+    """The server has no conversations API (Letta 0.11.7, or a route that answers
+    404 Not Found / 405): its agents each have one shared thread."""
+
+
+def route_missing(error: LettaHTTPError) -> bool:
+    """Whether a 404/405 says the route itself does not exist (FastAPI's own answer),
+    rather than that the thing it names was not found."""
+    return error.status == 405 or (error.status == 404 and error.detail == "Not Found")
+
+
+@dataclass(frozen=True)
+class Thread:
+    """Where a chat's messages go on Letta: an agent's single shared thread, or a
+    conversation of its own on that agent (`conversation_id`), whose context and
+    isolated memory blocks no other chat sees."""
+
+    agent_id: str
+    conversation_id: str = ""
+
+    def __str__(self) -> str:
+        return self.conversation_id or self.agent_id
+
+
+# What each server (by base URL) said about its conversations API, and when: a server
+# is asked again after a while, so an upgraded one is noticed without a restart.
+CONVERSATIONS_RECHECK = 600.0
+conversations_support: dict[str, tuple[bool, float]] = {}
 
 
 def _render_detail(body: bytes) -> str:
@@ -359,6 +393,25 @@ class LettaClient:
         validate_agent_id(agent_id)
         return LettaStream(self, f"/v1/agents/{agent_id}/messages/stream", request.body())
 
+    def stream_message(self, thread: Thread, request: StreamRequest) -> LettaStream:
+        """Send to a thread and stream the answer: a conversation's own route
+        (POST /v1/conversations/{id}/messages streams by default), else the agent's."""
+        if not thread.conversation_id:
+            return self.stream_agent_message(thread.agent_id, request)
+        conversation_id = validate_conversation_id(thread.conversation_id)
+        return LettaStream(self, f"/v1/conversations/{conversation_id}/messages", request.body())
+
+    def resume(
+        self, thread: Thread, run_id: str | None, starting_after: int | None = None
+    ) -> LettaStream:
+        """Re-attach to a background run: by its id when known (any release), else a
+        conversation's active run (POST /v1/conversations/{id}/stream)."""
+        if run_id or not thread.conversation_id:
+            return self.resume_run(run_id or "", starting_after)
+        conversation_id = validate_conversation_id(thread.conversation_id)
+        body = {} if starting_after is None else {"starting_after": starting_after}
+        return LettaStream(self, f"/v1/conversations/{conversation_id}/stream", body)
+
     def resume_run(self, run_id: str, starting_after: int | None = None) -> LettaStream:
         """Re-attach to a background run's stream after seq_id `starting_after`."""
         validate_run_id(run_id)
@@ -423,6 +476,126 @@ class LettaClient:
             raise LettaProtocolError(f"cancel answered {type(data).__name__}, not an object")
         return data
 
+    async def cancel(self, thread: Thread, run_ids: list[str] | None = None) -> dict[str, Any]:
+        """Cancel what a thread is running: a conversation's own cancel route (it ends
+        only that conversation's run), else the agent's runs (all, or `run_ids`)."""
+        if not thread.conversation_id:
+            return await self.cancel_runs(thread.agent_id, run_ids)
+        conversation_id = validate_conversation_id(thread.conversation_id)
+        data = await self._json("POST", f"/v1/conversations/{conversation_id}/cancel")
+        if not isinstance(data, dict):
+            raise LettaProtocolError(f"cancel answered {type(data).__name__}, not an object")
+        return data
+
+    # --- conversations -----------------------------------------------------------
+
+    async def has_conversations(self, agent_id: str) -> bool | None:
+        """Whether the server has the conversations API, learnt from its answers (not
+        its version) and remembered for a while; None when it cannot tell now."""
+        known = conversations_support.get(self.base_url)
+        if known is not None and time.monotonic() - known[1] < CONVERSATIONS_RECHECK:
+            return known[0]
+        validate_agent_id(agent_id)
+        try:
+            await self._json("GET", "/v1/conversations/", params={"agent_id": agent_id, "limit": 1})
+        except LettaHTTPError as error:
+            if not route_missing(error):
+                return None
+            self.learn_conversations(False)
+            return False
+        except LettaError:
+            return None
+        self.learn_conversations(True)
+        return True
+
+    def learn_conversations(self, supported: bool) -> None:
+        if conversations_support.get(self.base_url, (None,))[0] != supported:
+            logger.info(
+                "%s %s conversations", self.base_url, "has" if supported else "does not have"
+            )
+        conversations_support[self.base_url] = (supported, time.monotonic())
+
+    async def create_conversation(
+        self, agent_id: str, *, summary: str = "", isolated_block_labels: list[str] | None = None
+    ) -> LettaConversation:
+        """A new conversation on an agent (POST /v1/conversations/?agent_id=...): its own
+        context, and its own copy of each block named in `isolated_block_labels`.
+
+        Raises NoConversations when the server has no such route.
+        """
+        validate_agent_id(agent_id)
+        body: dict[str, Any] = {"summary": summary[:200] or None}
+        if isolated_block_labels:
+            body["isolated_block_labels"] = isolated_block_labels
+        try:
+            data = await self._json(
+                "POST", "/v1/conversations/", params={"agent_id": agent_id}, json=body
+            )
+        except LettaHTTPError as error:
+            if route_missing(error):
+                self.learn_conversations(False)
+                raise NoConversations(
+                    "this Letta server has no conversations API", status=error.status
+                ) from error
+            raise
+        self.learn_conversations(True)
+        conversation = LettaConversation.model_validate(data)
+        validate_conversation_id(conversation.id)
+        return conversation
+
+    async def what_is_gone(self, thread: Thread) -> Literal["agent", "conversation"] | None:
+        """After a 404: whether the agent, or the thread's conversation, no longer
+        exists on the server (deleted there); None when both are there or it cannot say."""
+        checks: list[tuple[Literal["agent", "conversation"], Any]] = [
+            ("agent", lambda: self.get_agent(thread.agent_id))
+        ]
+        if thread.conversation_id:
+            checks.append(("conversation", lambda: self.get_conversation(thread.conversation_id)))
+        for what, check in checks:
+            try:
+                await check()
+            except LettaHTTPError as error:
+                return what if error.status == 404 else None
+            except LettaError:
+                return None
+        return None
+
+    async def get_conversation(self, conversation_id: str) -> LettaConversation:
+        validate_conversation_id(conversation_id)
+        data = await self._json("GET", f"/v1/conversations/{conversation_id}")
+        return LettaConversation.model_validate(data)
+
+    async def delete_conversation(self, conversation_id: str) -> None:
+        validate_conversation_id(conversation_id)
+        # Whatever the body (some releases answer null, others nothing at all).
+        await self._read_then_close(
+            await self._send("DELETE", f"/v1/conversations/{conversation_id}", stream=True)
+        )
+
+    async def get_block(self, block_id: str) -> Block:
+        if not isinstance(block_id, str) or not block_id.startswith("block-") or "/" in block_id:
+            raise LettaProtocolError(f"{block_id!r} is not a block id")
+        return Block.model_validate(await self._json("GET", f"/v1/blocks/{block_id}"))
+
+    async def list_messages(
+        self,
+        thread: Thread,
+        *,
+        before: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        order: Literal["asc", "desc"] = "asc",
+    ) -> list[LettaMessage]:
+        """One page of a thread's history. A conversation's is read from the
+        conversation: the agent's list holds every conversation's messages."""
+        if not thread.conversation_id:
+            return await self.list_agent_messages(
+                thread.agent_id, before=before, after=after, limit=limit, order=order
+            )
+        conversation_id = validate_conversation_id(thread.conversation_id)
+        path = f"/v1/conversations/{conversation_id}/messages"
+        return await self._message_page(path, before=before, after=after, limit=limit, order=order)
+
     async def list_agent_messages(
         self,
         agent_id: str,
@@ -434,12 +607,17 @@ class LettaClient:
     ) -> list[LettaMessage]:
         """One page of an agent's history, parsed like streamed events."""
         validate_agent_id(agent_id)
+        path = f"/v1/agents/{agent_id}/messages"
+        return await self._message_page(path, before=before, after=after, limit=limit, order=order)
+
+    async def _message_page(
+        self, path: str, *, before: str | None, after: str | None, limit: int, order: str
+    ) -> list[LettaMessage]:
         params: dict[str, Any] = {"limit": limit, "order": order}
         if before:
             params["before"] = before
         if after:
             params["after"] = after
-        path = f"/v1/agents/{agent_id}/messages"
         data = await self._json("GET", path, params=params)
         return [parse_message(item) for item in self._expect_list(data, path)]
 
@@ -447,12 +625,17 @@ class LettaClient:
         self, agent_id: str, *, page_size: int = PAGE_SIZE
     ) -> AsyncIterator[LettaMessage]:
         """Every message of an agent's history, oldest first, page after page."""
+        async for message in self.iter_messages(Thread(agent_id), page_size=page_size):
+            yield message
+
+    async def iter_messages(
+        self, thread: Thread, *, page_size: int = PAGE_SIZE
+    ) -> AsyncIterator[LettaMessage]:
+        """Every message of a thread's history, oldest first, page after page."""
         cursor: str | None = None
         seen: set[tuple[str | None, str | None]] = set()
         for _ in range(MAX_HISTORY_PAGES):
-            page = await self.list_agent_messages(
-                agent_id, after=cursor, limit=page_size, order="asc"
-            )
+            page = await self.list_messages(thread, after=cursor, limit=page_size, order="asc")
             # One stored message can come back as several (reasoning + answer share an
             # id), so a page is only known to be the last when it comes back short.
             fresh = [m for m in page if (m.message_type, m.id) not in seen]
@@ -462,9 +645,7 @@ class LettaClient:
             if len(page) < page_size or not fresh or page[-1].id is None:
                 return
             cursor = page[-1].id
-        logger.warning(
-            "stopped paging the history of %s after %d pages", agent_id, MAX_HISTORY_PAGES
-        )
+        logger.warning("stopped paging the history of %s after %d pages", thread, MAX_HISTORY_PAGES)
 
     async def get_run(self, run_id: str) -> Run:
         validate_run_id(run_id)

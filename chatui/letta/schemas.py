@@ -71,6 +71,14 @@ def validate_group_id(value: str) -> str:
     return _check_id(value, _GROUP_ID, "a group", "group")
 
 
+_CONVERSATION_ID = re.compile(r"conv-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def validate_conversation_id(value: str) -> str:
+    """Return value if it is a `conv-<uuid>` id (a Letta conversation), else raise InvalidId."""
+    return _check_id(value, _CONVERSATION_ID, "a conversation", "conv")
+
+
 def validate_run_id(value: str) -> str:
     """Return value if it is a `run-<uuid>` id, else raise InvalidId.
 
@@ -659,7 +667,42 @@ class LettaResponse(LettaModel):
         return value
 
 
+# Letta's built-in tools that change the agent's memory blocks, across releases.
+MEMORY_TOOLS = frozenset(
+    {
+        "core_memory_append",
+        "core_memory_replace",
+        "memory",
+        "memory_insert",
+        "memory_replace",
+        "memory_rethink",
+        "memory_apply_patch",
+        "memory_finish_edits",
+    }
+)
+
+
+def edits_memory(message: Any) -> bool:
+    """Whether a tool call or result is one of the tools that edit memory blocks."""
+    if message.message_type not in ("tool_call_message", "tool_return_message"):
+        return False
+    names = {getattr(message, "name", None)}
+    names.update(call.name for call in getattr(message, "calls", []) if call.name)
+    return bool(names & MEMORY_TOOLS)
+
+
 # --- other resources chatui reads --------------------------------------------
+
+
+class Block(LettaModel):
+    """A memory block: a labelled piece of text the agent keeps in its context."""
+
+    id: str | None = None
+    label: str | None = None
+    value: str = ""
+    description: str | None = None
+    limit: int | None = None
+    read_only: bool | None = None
 
 
 class Agent(LettaModel):
@@ -672,6 +715,30 @@ class Agent(LettaModel):
     tags: list[str] | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
+
+    @property
+    def blocks(self) -> list[Block]:
+        """Its memory blocks: `blocks` on 0.16, `memory.blocks` on every release."""
+        extra = self.model_extra or {}
+        raw = extra.get("blocks")
+        if not isinstance(raw, list):
+            memory = extra.get("memory")
+            raw = memory.get("blocks") if isinstance(memory, dict) else None
+        return [Block.model_validate(item) for item in raw or [] if isinstance(item, dict)]
+
+    @property
+    def block_labels(self) -> list[str]:
+        return [block.label for block in self.blocks if block.label]
+
+
+class LettaConversation(LettaModel):
+    """A Letta conversation: a message context of its own on a shared agent, with its
+    own copies of the agent's isolated memory blocks."""
+
+    id: str
+    agent_id: str | None = None
+    summary: str | None = None
+    isolated_block_ids: list[str] = Field(default_factory=list)
 
 
 class Group(LettaModel):
