@@ -919,3 +919,130 @@ def test_an_api_key_guards_every_v1_route_but_health(keyed_upstream):
         assert wrong.status_code == 401
         allowed = client.get("/v1/agents/", headers={"Authorization": "Bearer k3y"})
         assert allowed.status_code == 200
+
+
+# --- conversations (Letta 0.16): many contexts on one agent ------------------------
+
+
+def new_conversation(client: httpx.Client, agent: str = ECHO, **body) -> dict:
+    response = client.post("/v1/conversations/", params={"agent_id": agent}, json=body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def converse(client: httpx.Client, conversation: str, text: str, **options) -> Stream:
+    body = {"messages": [{"role": "user", "content": text}], "include_pings": False}
+    return post_stream(client, f"/v1/conversations/{conversation}/messages", body | options)
+
+
+def test_a_conversation_is_created_like_lettas(client):
+    made = new_conversation(client, summary="probe", isolated_block_labels=["human"])
+    real = json.loads(
+        (CAPTURES / "letta-0.16.4/conversations/conversation_create_isolated.json").read_text()
+    )
+    assert list(made) == list(real)
+    assert made["agent_id"] == ECHO and made["summary"] == "probe"
+    [copy] = made["isolated_block_ids"]
+    assert client.get(f"/v1/blocks/{copy}").json()["label"] == "human"
+    assert client.get(f"/v1/conversations/{made['id']}").json() == made
+    listed = client.get("/v1/conversations/", params={"agent_id": ECHO}).json()
+    assert [c["id"] for c in listed] == [made["id"]]
+
+
+def test_a_block_the_agent_lacks_is_refused_as_letta_does(client):
+    response = client.post(
+        "/v1/conversations/", params={"agent_id": ECHO}, json={"isolated_block_labels": ["x"]}
+    )
+    assert response.status_code == 400
+    assert response.json()["detail"] == f"Block with label 'x' not found on agent {ECHO}"
+    unknown = client.post("/v1/conversations/", params={"agent_id": SAGE[:-1] + "9"}, json={})
+    assert unknown.status_code == 404
+
+
+def test_two_conversations_on_one_agent_keep_separate_histories(client):
+    first, second = new_conversation(client)["id"], new_conversation(client)["id"]
+    assert converse(client, first, "my PIN is 4242").text() == "Echo: my PIN is 4242"
+    assert converse(client, second, "hello").text() == "Echo: hello"
+    read = client.get(f"/v1/conversations/{second}/messages", params={"order": "asc"}).json()
+    assert "4242" not in json.dumps(read)
+    assert [m["message_type"] for m in read] == [
+        "system_message",
+        "user_message",
+        "assistant_message",
+    ]
+    # The agent's own thread saw neither.
+    assert "4242" not in json.dumps(history(client, ECHO))
+
+
+def test_a_conversation_streams_approvals_cancels_and_resumes(client, demo):
+    conversation = new_conversation(client)["id"]
+    asked = converse(client, conversation, '/tool restart_service {"service": "web"}')
+    assert asked.types()[-2:] == ["stop_reason", "usage_statistics"]
+    [call] = asked.of("approval_request_message")[-1]["tool_calls"]
+    decided = post_stream(
+        client,
+        f"/v1/conversations/{conversation}/messages",
+        {
+            "messages": [
+                {
+                    "type": "approval",
+                    "approvals": [
+                        {"type": "approval", "tool_call_id": call["tool_call_id"], "approve": True}
+                    ],
+                }
+            ]
+        },
+    )
+    assert decided.of("tool_return_message")[0]["status"] == "success"
+    demo.config(token_delay=0.05)
+    body = {
+        "messages": [{"role": "user", "content": "/tokens 12"}],
+        "stream_tokens": True,
+        "include_pings": False,
+        "background": True,
+    }
+    raw = ""
+    path = f"/v1/conversations/{conversation}/messages"
+    with client.stream("POST", path, json=body) as response:
+        for piece in response.iter_text():
+            raw += piece
+            if raw.count("\n\n") >= 3:
+                break
+    resumed = post_stream(client, f"/v1/conversations/{conversation}/stream", {"starting_after": 3})
+    assert [e["seq_id"] for e in resumed.of("assistant_message")] == list(range(4, 13))
+    assert client.post(f"/v1/conversations/{conversation}/cancel").status_code == 409
+    demo.config(token_delay=0.15)
+    raw, answer = "", None
+    with client.stream("POST", path, json={**body, "background": False}) as response:
+        for piece in response.iter_text():
+            raw += piece
+            if answer is None and raw.count("\n\n") >= 2:
+                answer = client.post(f"/v1/conversations/{conversation}/cancel")
+    assert list(answer.json().values()) == ["cancelled"]
+    assert CANCELLED in raw and "[DONE]" not in raw
+
+
+def test_memory_tools_edit_the_conversations_own_copy(client):
+    made = new_conversation(client, isolated_block_labels=["human"])
+    converse(
+        client, made["id"], '/run core_memory_append {"label": "human", "content": "Likes tea"}'
+    )
+    copy = client.get(f"/v1/blocks/{made['isolated_block_ids'][0]}").json()
+    assert copy["value"].endswith("Likes tea")
+    shared = {b["label"]: b["value"] for b in client.get(f"/v1/agents/{ECHO}").json()["blocks"]}
+    assert "tea" not in shared["human"]
+
+
+def test_without_conversations_the_routes_answer_like_0_11_7(client, demo):
+    demo.config(conversations=False)
+    response = client.post("/v1/conversations/", params={"agent_id": ECHO}, json={})
+    assert (response.status_code, response.json()) == (404, {"detail": "Not Found"})
+    real = json.loads((CAPTURES / "letta-0.11.7/conversations_list.json").read_text())
+    assert client.get("/v1/conversations/", params={"agent_id": ECHO}).json() == real
+
+
+def test_a_deleted_agent_takes_its_conversations_along(client):
+    conversation = new_conversation(client)["id"]
+    assert client.delete(f"/v1/agents/{ECHO}").status_code == 200
+    assert client.get(f"/v1/agents/{ECHO}").status_code == 404
+    assert client.get(f"/v1/conversations/{conversation}").status_code == 404

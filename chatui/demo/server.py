@@ -10,6 +10,11 @@ Every turn runs as a task that writes into its run's event log; a stream respons
 only follows that log. That is what lets a background run outlive its client, a
 resume replay from any ``seq_id``, and a cancel land between two tokens.
 
+Like Letta 0.16, an agent has conversations (``/v1/conversations``): each its own
+history and its own copies of the memory blocks it isolates; the memory tools
+(``/run core_memory_append {"label": "human", "content": ...}``) edit the blocks the
+turn sees. ``conversations: false`` in the config answers those routes as 0.11.7 does.
+
 Control routes for tests live outside /v1, under /_demo (see `faults` for modes):
 ``POST /_demo/faults``, ``POST /_demo/reset``, ``GET /_demo/requests``,
 ``GET|POST /_demo/config``.
@@ -426,6 +431,11 @@ class CancelRequest(WireModel):
     run_ids: list[str] | None = None
 
 
+class CreateConversation(WireModel):
+    summary: str | None = None
+    isolated_block_labels: list[str] | None = None
+
+
 class RetrieveStreamRequest(WireModel):
     starting_after: int = 0
     include_pings: bool | None = True
@@ -436,6 +446,7 @@ class RetrieveStreamRequest(WireModel):
 class ConfigUpdate(WireModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)
     group_stream: bool | None = None
+    conversations: bool | None = None
     legacy_approvals_only: bool | None = None
     background: bool | None = None
     ping_interval: float | None = Field(None, gt=0)
@@ -524,9 +535,11 @@ class Run:
         background: bool = False,
         listed: bool = True,
         message_types: list[str] | None = None,
+        conversation_id: str | None = None,
     ) -> None:
         self.id = new_id("run")
         self.agent_id = agent_id
+        self.conversation_id = conversation_id
         self.background = background
         self.listed = listed
         self.message_types = message_types
@@ -636,7 +649,7 @@ class Run:
             if self.completed_at
             else None,
             "agent_id": self.agent_id,
-            "conversation_id": None,
+            "conversation_id": self.conversation_id,
             "base_template_id": None,
             "background": self.background,
             "metadata": {"run_type": "send_message_streaming"},
@@ -770,6 +783,37 @@ class Conversation:
         return int(words * 1.3) + 12
 
 
+@dataclass
+class LettaConversation:
+    """A conversation on an agent (Letta 0.16): a history of its own, and its own copy
+    of each isolated memory block (label -> block id)."""
+
+    id: str
+    agent_id: str
+    summary: str | None
+    isolated: dict[str, str]
+    history: Conversation
+    created_at: datetime
+
+    def to_json(self) -> dict[str, Any]:
+        created = letta_date(self.created_at)
+        return {
+            "created_by_id": USER_ID,
+            "last_updated_by_id": USER_ID,
+            "created_at": created,
+            "updated_at": created,
+            "id": self.id,
+            "agent_id": self.agent_id,
+            "summary": self.summary,
+            "in_context_message_ids": [row.id for row in self.history.rows],
+            "isolated_block_ids": list(self.isolated.values()),
+        }
+
+
+# Tools that edit the memory block named by their `label` argument.
+MEMORY_TOOLS = {"core_memory_append", "core_memory_replace", "memory_insert", "memory_replace"}
+
+
 def system_prompt(agent: DemoAgent) -> str:
     return (
         "<base_instructions>\n"
@@ -806,11 +850,14 @@ class AgentTurn:
         request: LettaStreamingRequest,
         *,
         token_delay: float | None = None,
+        memory: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.upstream = upstream
         self.run = run
         self.agent = agent
         self.conversation = conversation
+        # The memory blocks this turn sees, by label (the agent's, or a conversation's).
+        self.memory = memory if memory is not None else upstream.memory_of(agent.id)
         self.request = request
         self.stream_tokens = request.stream_tokens
         self.fault_delay = token_delay
@@ -950,8 +997,24 @@ class AgentTurn:
         if call.client:
             text = f"Error: {call.name} is a client-side tool; send its result as a tool return."
             return Outcome(call, "approved", "error", text)
-        status, text = run_tool(call)
+        status, text = self.run_tool(call)
         return Outcome(call, "approved", status, text)
+
+    def run_tool(self, call: ToolCall) -> tuple[Literal["success", "error"], str]:
+        """Simulate a tool; the memory tools really edit the block this turn sees."""
+        if call.name not in MEMORY_TOOLS:
+            return run_tool(call)
+        args = call.args()
+        block = self.memory.get(str(args.get("label", "")))
+        if block is None:
+            return "error", f"Error: no memory block labelled {args.get('label')!r}"
+        old, new = args.get("old_content") or args.get("old_str"), ""
+        new = str(args.get("content") or args.get("new_content") or args.get("new_str") or "")
+        if old and old in block["value"]:
+            block["value"] = block["value"].replace(old, new, 1)
+        else:
+            block["value"] = f"{block['value']}\n{new}".strip()
+        return "success", "None"
 
     def emit_tool_returns(self, outcomes: list[Outcome], step_id: str) -> None:
         row_id = new_id("message")
@@ -1012,7 +1075,7 @@ class AgentTurn:
             self.end("requires_approval")
             return
         if plan.runs:
-            outcomes = [Outcome(call, "approved", *run_tool(call)) for call in plan.runs]
+            outcomes = [Outcome(call, "approved", *self.run_tool(call)) for call in plan.runs]
             self.emit_tool_returns(outcomes, step_id)
             if self.steps >= self.request.max_steps:
                 self.end("max_steps")
@@ -1276,6 +1339,8 @@ class GroupTurn(AgentTurn):
 @dataclass
 class DemoConfig:
     group_stream: bool = True
+    # Letta 0.16 has the conversations API; False answers its routes as 0.11.7 does.
+    conversations: bool = True
     legacy_approvals_only: bool = False
     background: bool = True
     ping_interval: float = 1.0
@@ -1288,7 +1353,6 @@ class DemoUpstream:
     def __init__(self, config: DemoConfig, api_key: str | None = None) -> None:
         self.initial_config = config
         self.api_key = api_key
-        self.agents = {agent.id: agent for agent in AGENTS}
         self.agent_by_key = {agent.key: agent for agent in AGENTS}
         self.groups = {group.id: group for group in GROUPS}
         self.faults = FaultBook()
@@ -1309,6 +1373,22 @@ class DemoUpstream:
         self.groups_history = {
             group.id: Conversation(f"message-{group.id[6:]}", group.description) for group in GROUPS
         }
+        self.agents = {agent.id: agent for agent in AGENTS}  # an agent may be deleted
+        self.blocks = {block["id"]: block for agent in AGENTS for block in memory_blocks(agent)}
+        self.agent_blocks = {
+            agent.id: [block["id"] for block in memory_blocks(agent)] for agent in AGENTS
+        }
+        self.letta_conversations: dict[str, LettaConversation] = {}
+
+    def memory_of(
+        self, agent_id: str, conversation: LettaConversation | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """The memory blocks a turn sees, by label: the agent's own, except those a
+        conversation has its own copy of."""
+        blocks = {self.blocks[i]["label"]: self.blocks[i] for i in self.agent_blocks[agent_id]}
+        for label, block_id in (conversation.isolated if conversation else {}).items():
+            blocks[label] = self.blocks[block_id]
+        return blocks
 
     def stop_runs(self) -> None:
         """Abandon every run; streams following them end (without [DONE])."""
@@ -1432,11 +1512,11 @@ class DemoUpstream:
             "metadata": {"demo": True},
             "memory": {
                 "agent_type": "letta_v1_agent",
-                "blocks": memory_blocks(agent),
+                "blocks": [self.blocks[i] for i in self.agent_blocks[agent.id]],
                 "file_blocks": [],
                 "prompt_template": "",
             },
-            "blocks": memory_blocks(agent),
+            "blocks": [self.blocks[i] for i in self.agent_blocks[agent.id]],
             "tools": [tool_json(tool) for tool in agent.tools],
             "sources": [],
             "tags": ["demo"],
@@ -1703,20 +1783,30 @@ async def agent_stream(request: web.Request) -> web.StreamResponse:
 
 
 async def start_agent_stream(
-    request: web.Request, agent: DemoAgent, body: LettaStreamingRequest
+    request: web.Request,
+    agent: DemoAgent,
+    body: LettaStreamingRequest,
+    conversation: LettaConversation | None = None,
 ) -> web.StreamResponse:
+    """Start a turn on the agent's own thread, or on one of its conversations."""
     upstream = request.app[UPSTREAM]
     if body.background and not upstream.config.background:
         return detail(REDIS_MISSING, 503)
     sabotage: StreamSabotage | None = request.get("sabotage")
-    run = Run(agent.id, background=body.background, message_types=body.include_return_message_types)
+    run = Run(
+        agent.id,
+        background=body.background,
+        message_types=body.include_return_message_types,
+        conversation_id=conversation.id if conversation else None,
+    )
     turn = AgentTurn(
         upstream,
         run,
         agent,
-        upstream.conversations[agent.id],
+        conversation.history if conversation else upstream.conversations[agent.id],
         body,
         token_delay=sabotage.token_delay if sabotage else None,
+        memory=upstream.memory_of(agent.id, conversation),
     )
     upstream.start(turn)
     return await stream_run(
@@ -1798,6 +1888,172 @@ async def agent_cancel(request: web.Request) -> web.Response:
         run.cancel()
         results[run_id] = "cancelled"
     return ok(results)
+
+
+async def delete_agent(request: web.Request) -> web.Response:
+    """Delete an agent, and its conversations with it (until the next reset)."""
+    agent = find_agent(request)
+    if isinstance(agent, web.Response):
+        return agent
+    upstream = request.app[UPSTREAM]
+    del upstream.agents[agent.id]
+    for conversation_id, conversation in list(upstream.letta_conversations.items()):
+        if conversation.agent_id == agent.id:
+            del upstream.letta_conversations[conversation_id]
+    return ok(None)
+
+
+# Conversations (Letta 0.16): many contexts on one agent
+
+
+def conversations_route(handler):
+    """A conversations route; a server configured without them answers as 0.11.7 does."""
+
+    async def route(request: web.Request) -> web.StreamResponse:
+        if not request.app[UPSTREAM].config.conversations:
+            return detail("Not Found", 404)
+        return await handler(request)
+
+    return route
+
+
+def find_conversation(request: web.Request) -> LettaConversation | web.Response:
+    conversation_id = request.match_info["conversation_id"]
+    if problem := malformed_id("conv", conversation_id):
+        return problem
+    conversation = request.app[UPSTREAM].letta_conversations.get(conversation_id)
+    return conversation or detail(f"Conversation with id {conversation_id} not found", 404)
+
+
+@conversations_route
+async def create_conversation(request: web.Request) -> web.Response:
+    upstream = request.app[UPSTREAM]
+    agent_id = request.query.get("agent_id", "")
+    agent = upstream.agents.get(agent_id)
+    if agent is None:
+        return detail(f"Agent with id {agent_id} not found", 404)
+    body = await read_body(request, CreateConversation, required=False)
+    if isinstance(body, web.Response):
+        return body
+    labels = upstream.memory_of(agent.id)
+    isolated = {}
+    for label in body.isolated_block_labels or []:
+        if label not in labels:
+            return detail(f"Block with label '{label}' not found on agent {agent.id}", 400)
+        copy = {**labels[label], "id": new_id("block")}
+        upstream.blocks[copy["id"]] = copy
+        isolated[label] = copy["id"]
+    conversation = LettaConversation(
+        id=new_id("conv"),
+        agent_id=agent.id,
+        summary=body.summary,
+        isolated=isolated,
+        history=Conversation(new_id("message"), system_prompt(agent)),
+        created_at=utcnow(),
+    )
+    upstream.letta_conversations[conversation.id] = conversation
+    return ok(conversation.to_json())
+
+
+@conversations_route
+async def list_conversations(request: web.Request) -> web.Response:
+    upstream = request.app[UPSTREAM]
+    limit = int_query(request, "limit", 50)
+    if isinstance(limit, web.Response):
+        return limit
+    agent_id = request.query.get("agent_id")
+    found = [
+        conversation
+        for conversation in upstream.letta_conversations.values()
+        if agent_id is None or conversation.agent_id == agent_id
+    ]
+    return ok([conversation.to_json() for conversation in found[:limit]])
+
+
+@conversations_route
+async def get_conversation(request: web.Request) -> web.Response:
+    conversation = find_conversation(request)
+    if isinstance(conversation, web.Response):
+        return conversation
+    return ok(conversation.to_json())
+
+
+@conversations_route
+async def delete_conversation(request: web.Request) -> web.Response:
+    conversation = find_conversation(request)
+    if isinstance(conversation, web.Response):
+        return conversation
+    del request.app[UPSTREAM].letta_conversations[conversation.id]
+    return ok(None)
+
+
+@conversations_route
+async def conversation_messages(request: web.Request) -> web.Response:
+    conversation = find_conversation(request)
+    if isinstance(conversation, web.Response):
+        return conversation
+    return page_history(request, conversation.history)
+
+
+@conversations_route
+async def conversation_send(request: web.Request) -> web.StreamResponse:
+    """POST /v1/conversations/{id}/messages: streams unless `streaming` is false."""
+    upstream = request.app[UPSTREAM]
+    conversation = find_conversation(request)
+    if isinstance(conversation, web.Response):
+        return conversation
+    body = await parse_turn_request(request)
+    if isinstance(body, web.Response):
+        return body
+    agent = upstream.agents[conversation.agent_id]
+    if "streaming" in body.model_fields_set and not body.streaming:  # it streams by default
+        run = Run(agent.id, conversation_id=conversation.id)
+        memory = upstream.memory_of(agent.id, conversation)
+        turn = AgentTurn(upstream, run, agent, conversation.history, body, memory=memory)
+        upstream.start(turn)
+        await run.task
+        return letta_response(run, run.usage)
+    return await start_agent_stream(request, agent, body, conversation)
+
+
+@conversations_route
+async def conversation_resume(request: web.Request) -> web.StreamResponse:
+    """POST /v1/conversations/{id}/stream: follow the conversation's latest background run."""
+    upstream = request.app[UPSTREAM]
+    conversation = find_conversation(request)
+    if isinstance(conversation, web.Response):
+        return conversation
+    body = await read_body(request, RetrieveStreamRequest, required=False)
+    if isinstance(body, web.Response):
+        return body
+    runs = [
+        run
+        for run in upstream.runs.values()
+        if run.conversation_id == conversation.id and run.background
+    ]
+    if not runs:
+        return detail(f"No active runs found for conversation {conversation.id}", 404)
+    return await follow_run(request, runs[-1], body)
+
+
+@conversations_route
+async def conversation_cancel(request: web.Request) -> web.Response:
+    conversation = find_conversation(request)
+    if isinstance(conversation, web.Response):
+        return conversation
+    runs = request.app[UPSTREAM].runs.values()
+    active = [run for run in runs if run.conversation_id == conversation.id and run.active]
+    if not active:
+        return detail(f"CONFLICT: No active runs to cancel for {conversation.id}", 409)
+    for run in active:
+        run.cancel()
+    return ok({run.id: "cancelled" for run in active})
+
+
+async def get_block(request: web.Request) -> web.Response:
+    block_id = request.match_info["block_id"]
+    block = request.app[UPSTREAM].blocks.get(block_id)
+    return ok(block) if block else detail(f"Block with id {block_id} not found", 404)
 
 
 async def list_groups(request: web.Request) -> web.Response:
@@ -1910,7 +2166,6 @@ async def get_run(request: web.Request) -> web.Response:
 
 
 async def resume_run(request: web.Request) -> web.StreamResponse:
-    upstream = request.app[UPSTREAM]
     run = find_run(request)
     if isinstance(run, web.Response):
         return run
@@ -1922,6 +2177,14 @@ async def resume_run(request: web.Request) -> web.StreamResponse:
             "INVALID_ARGUMENT: Run was not created in background mode, so it cannot be retrieved.",
             400,
         )
+    return await follow_run(request, run, body)
+
+
+async def follow_run(
+    request: web.Request, run: Run, body: RetrieveStreamRequest
+) -> web.StreamResponse:
+    """Stream a background run again, after the client's last seq_id."""
+    upstream = request.app[UPSTREAM]
     if not upstream.config.background:
         return detail(REDIS_MISSING, 503)
     start = await run.position_after(body.starting_after) if body.starting_after else 0
@@ -1977,7 +2240,9 @@ async def configure(request: web.Request) -> web.Response:
 
 
 def is_stream_request(request: web.Request) -> bool:
-    return request.method == "POST" and request.path.rstrip("/").endswith("/stream")
+    path = request.path.rstrip("/")
+    conversation_send = path.startswith("/v1/conversations/") and path.endswith("/messages")
+    return request.method == "POST" and (path.endswith("/stream") or conversation_send)
 
 
 @web.middleware
@@ -2018,10 +2283,20 @@ def make_app(*, api_key: str | None = None, **config: Any) -> web.Application:
     route("GET", "/v1/health/", health)
     route("GET", "/v1/agents/", list_agents)
     route("GET", "/v1/agents/{agent_id}", get_agent)
+    route("DELETE", "/v1/agents/{agent_id}", delete_agent)
     route("GET", "/v1/agents/{agent_id}/messages", list_messages)
     route("POST", "/v1/agents/{agent_id}/messages", agent_send)
     route("POST", "/v1/agents/{agent_id}/messages/stream", agent_stream)
     route("POST", "/v1/agents/{agent_id}/messages/cancel", agent_cancel)
+    route("POST", "/v1/conversations/", create_conversation)
+    route("GET", "/v1/conversations/", list_conversations)
+    route("GET", "/v1/conversations/{conversation_id}", get_conversation)
+    route("DELETE", "/v1/conversations/{conversation_id}", delete_conversation)
+    route("GET", "/v1/conversations/{conversation_id}/messages", conversation_messages)
+    route("POST", "/v1/conversations/{conversation_id}/messages", conversation_send)
+    route("POST", "/v1/conversations/{conversation_id}/stream", conversation_resume)
+    route("POST", "/v1/conversations/{conversation_id}/cancel", conversation_cancel)
+    route("GET", "/v1/blocks/{block_id}", get_block)
     route("GET", "/v1/groups/", list_groups)
     route("GET", "/v1/groups/{group_id}", get_group)
     route("GET", "/v1/groups/{group_id}/messages", group_messages)
