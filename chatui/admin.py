@@ -40,12 +40,14 @@ from django.utils.html import format_html, format_html_join
 from django.utils.text import Truncator, smart_split, unescape_string_literal
 
 from chatui import exports
+from chatui.forms import TargetForm
 from chatui.models import (
     ApprovalRequest,
     Attachment,
     Conversation,
     Feedback,
     Message,
+    Target,
     TargetKind,
     Turn,
 )
@@ -587,3 +589,29 @@ class FeedbackAdmin(RecordAdmin):
     @admin.display(description="Conversation")
     def conversation_title(self, feedback: Feedback) -> str:
         return conversation_link(feedback.message.conversation)
+
+
+@admin.register(Target)
+class TargetAdmin(admin.ModelAdmin):
+    """Who may use an agent or group, what the picker calls it, and which memory blocks
+    each conversation gets its own copy of. The one page here that is edited: an agent
+    or group without a row is open to everyone, under its Letta name."""
+
+    form = TargetForm
+    list_display = ["__str__", "letta_id", "kind", "restricted", "memory"]
+    list_filter = ["kind", "restricted"]
+    search_fields = ["display_name", "letta_id", "description"]
+    filter_horizontal = ["users", "groups"]
+    fieldsets = [
+        (None, {"fields": ["letta_id", "display_name", "description"]}),
+        ("Who may use it", {"fields": ["restricted", "users", "groups"]}),
+        ("Memory per person (agents)", {"fields": ["default_memory", "isolated_blocks"]}),
+    ]
+
+    @admin.display(description="Per-person memory")
+    def memory(self, target: Target) -> str:
+        if target.kind == TargetKind.GROUP:
+            return "–"
+        if target.default_memory:
+            return "human (default)"
+        return ", ".join(target.block_labels) or "none: all shared"

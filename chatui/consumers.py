@@ -30,6 +30,7 @@ from chatui.models import (
     DecisionNotAllowed,
     Message,
     SendRateExceeded,
+    TargetForbidden,
     Turn,
     TurnActive,
 )
@@ -132,6 +133,9 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         except SendRateExceeded as limited:
             await self.send_error("rate_limited", str(limited))
             return
+        except TargetForbidden as forbidden:
+            await self.send_error("forbidden", str(forbidden))
+            return
         except ApprovalPending as pending:
             await self.send_json(
                 {
@@ -168,7 +172,11 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     async def retry(self, frame: RetryFrame) -> None:
         """Run a failed or stopped turn again, with the same otid."""
-        turn = await database_sync_to_async(self.restart_turn)(frame.turn)
+        try:
+            turn = await database_sync_to_async(self.restart_turn)(frame.turn)
+        except TargetForbidden as forbidden:
+            await self.send_error("forbidden", str(forbidden))
+            return
         if turn is None:
             await self.send_error(
                 "not_retryable", "Only the latest failed or stopped reply can be retried."
@@ -178,6 +186,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         await turns.start_turn(turn, self.conversation)
 
     def restart_turn(self, turn_id: int) -> Turn | None:
+        self.conversation.check_access()
         latest = self.conversation.turns.order_by("-pk").first()
         if latest is None or latest.pk != turn_id or not latest.restart():
             return None

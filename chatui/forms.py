@@ -3,6 +3,7 @@ call, and a conversation's reply settings."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -10,20 +11,39 @@ from asgiref.sync import async_to_sync
 from django import forms
 from django.core.exceptions import ValidationError
 
-from chatui.letta.client import LettaClient, LettaError, LettaHTTPError
+from chatui.letta.client import LettaClient, LettaError, LettaHTTPError, NoConversations
 from chatui.letta.schemas import (
     Agent,
     Group,
     InvalidId,
+    LettaConversation,
     validate_agent_id,
     validate_group_id,
 )
-from chatui.models import Conversation, TargetKind
+from chatui.models import Conversation, MissingBlocks, Target, TargetKind
 
 
 async def fetch_agent(agent_id: str) -> Agent:
     async with LettaClient.from_settings() as client:
         return await client.get_agent(agent_id)
+
+
+async def open_conversation(
+    agent_id: str, summary: str, isolated_block_labels: list[str]
+) -> LettaConversation | None:
+    """A Letta conversation of its own on the agent; None from a server without them."""
+    async with LettaClient.from_settings() as client:
+        try:
+            return await client.create_conversation(
+                agent_id, summary=summary, isolated_block_labels=isolated_block_labels
+            )
+        except NoConversations:
+            return None
+
+
+async def close_conversation(conversation_id: str) -> None:
+    async with LettaClient.from_settings() as client:
+        await client.delete_conversation(conversation_id)
 
 
 async def fetch_group(group_id: str) -> tuple[Group, list[Agent]]:
@@ -42,15 +62,19 @@ def group_name(group: Group, member_names: list[str]) -> str:
 
 
 class NewConversationForm(forms.Form):
-    """Which agent or group to talk to; the choice is checked against the Letta server."""
+    """Which agent or group to talk to. The choice is checked against who may use what,
+    then against the Letta server; an agent chat gets a Letta conversation of its own
+    there (when the server has them), so nobody else's words reach its context."""
 
     target_kind = forms.ChoiceField(choices=TargetKind.choices, required=False)
     target_id = forms.CharField(max_length=42, strip=True)
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, user: Any = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.user = user
         self.target: Agent | Group | None = None
         self.members: list[Agent] = []
+        self.letta_conversation: LettaConversation | None = None
 
     @property
     def kind(self) -> str:
@@ -76,6 +100,12 @@ class NewConversationForm(forms.Form):
         target_id = cleaned.get("target_id")
         if target_id is None or self.errors:
             return cleaned
+        if self.user is not None and not Target.may_use(self.user, target_id):
+            raise ValidationError(
+                "You may not start a chat with that %(kind)s. Ask an admin for access.",
+                code="forbidden",
+                params={"kind": self.kind},
+            )
         # Checked upstream, so a conversation never points at a target that is not there.
         try:
             if self.kind == TargetKind.GROUP:
@@ -100,24 +130,59 @@ class NewConversationForm(forms.Form):
                 code="upstream_unavailable",
                 params={"detail": str(error)},
             ) from None
+        if isinstance(self.target, Agent):
+            self.letta_conversation = self.open_conversation(self.target)
         return cleaned
 
+    def open_conversation(self, agent: Agent) -> LettaConversation | None:
+        """The agent chat's own Letta conversation, with its copies of the memory blocks
+        the admin chose (a block the agent lacks is refused here, never sent)."""
+        try:
+            labels = Target.isolated_labels(agent.id, agent.block_labels)
+        except MissingBlocks as missing:
+            raise ValidationError(str(missing), code="missing_blocks") from None
+        owner = getattr(self.user, "username", "") or "someone"
+        try:
+            return async_to_sync(open_conversation)(agent.id, f"chatui: {owner}", labels)
+        except LettaError as error:
+            raise ValidationError(
+                "The Letta server could not start a conversation with that agent (%(detail)s). "
+                "Nothing was saved; try again shortly.",
+                code="conversation_failed",
+                params={"detail": str(error)},
+            ) from None
+
     def save(self, owner) -> Conversation:
+        """Store the conversation; a Letta conversation made for it is deleted again if
+        that fails, so nothing is left behind."""
+        try:
+            return self.store(owner)
+        except Exception:
+            if self.letta_conversation is not None:
+                # The chat was not made either way; a failed delete leaves an empty one.
+                with contextlib.suppress(LettaError):
+                    async_to_sync(close_conversation)(self.letta_conversation.id)
+            raise
+
+    def store(self, owner) -> Conversation:
         assert self.target is not None, "save() needs a valid form"
+        settings = Target.objects.filter(letta_id=self.target.id).first()
+        display_name = settings.display_name if settings else ""
         if isinstance(self.target, Group):
             members = [{"id": agent.id, "name": agent.name or agent.id} for agent in self.members]
             return Conversation.objects.create(
                 owner=owner,
                 target_kind=TargetKind.GROUP,
                 target_id=self.target.id,
-                target_name=group_name(self.target, [m["name"] for m in members]),
+                target_name=display_name or group_name(self.target, [m["name"] for m in members]),
                 members=members,
             )
         return Conversation.objects.create(
             owner=owner,
             target_kind=TargetKind.AGENT,
             target_id=self.target.id,
-            target_name=self.target.name or self.target.id,
+            target_name=display_name or self.target.name or self.target.id,
+            letta_conversation_id=self.letta_conversation.id if self.letta_conversation else "",
         )
 
 
@@ -269,3 +334,109 @@ class ConversationOptionsForm(forms.Form):
                     types += message_types
             options["include_return_message_types"] = types
         return options
+
+
+async def fetch_choices() -> list[tuple[str, str]]:
+    """Every agent and group on the Letta server, as (id, "Name (kind)") choices."""
+    async with LettaClient.from_settings() as client:
+        agents = await client.list_agents()
+        try:
+            groups = await client.list_groups()
+        except LettaHTTPError:
+            groups = []
+    names = {agent.id: agent.name or agent.id for agent in agents}
+    choices = [(agent.id, f"{names[agent.id]} (agent)") for agent in agents]
+    for group in groups:
+        name = group_name(group, [names.get(agent_id, agent_id) for agent_id in group.agent_ids])
+        choices.append((group.id, f"{name} (group)"))
+    return sorted(choices, key=lambda choice: choice[1].casefold())
+
+
+class TargetForm(forms.ModelForm):
+    """An admin's settings for one agent or group, checked against the Letta server:
+    the id must name an agent or group there, and every per-person memory block must be
+    one the agent has."""
+
+    class Meta:
+        model = Target
+        fields = [
+            "letta_id",
+            "display_name",
+            "description",
+            "restricted",
+            "users",
+            "groups",
+            "default_memory",
+            "isolated_blocks",
+        ]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        try:
+            choices = async_to_sync(fetch_choices)()
+        except LettaError:
+            return  # the id is typed in, and checked when saved
+        current = self.initial.get("letta_id") or self.data.get("letta_id")
+        if current and current not in dict(choices):
+            choices.append((current, current))
+        self.fields["letta_id"].widget = forms.Select(choices=[("", "---------"), *choices])
+
+    def clean_letta_id(self) -> str:
+        letta_id = self.cleaned_data["letta_id"]
+        try:
+            return (
+                validate_group_id(letta_id)
+                if letta_id.startswith("group-")
+                else (validate_agent_id(letta_id))
+            )
+        except InvalidId:
+            raise ValidationError(
+                "That is not an agent or group id (agent-… or group-…).", code="invalid_id"
+            ) from None
+
+    def clean(self) -> dict:
+        cleaned = super().clean()
+        letta_id = cleaned.get("letta_id")
+        if not letta_id or self.errors:
+            return cleaned
+        kind = TargetKind.GROUP if letta_id.startswith("group-") else TargetKind.AGENT
+        self.instance.kind = kind
+        try:
+            if kind == TargetKind.GROUP:
+                async_to_sync(fetch_group)(letta_id)
+                return cleaned
+            agent = async_to_sync(fetch_agent)(letta_id)
+        except LettaHTTPError as error:
+            if error.status == 404:
+                raise ValidationError(
+                    "The Letta server has no %(kind)s with that id.",
+                    code="unknown_target",
+                    params={"kind": kind},
+                ) from None
+            raise ValidationError(
+                "The Letta server could not check it (%(detail)s).",
+                code="upstream_error",
+                params={"detail": str(error)},
+            ) from None
+        except LettaError as error:
+            raise ValidationError(
+                "The Letta server cannot be reached to check it (%(detail)s). Try again.",
+                code="upstream_unavailable",
+                params={"detail": str(error)},
+            ) from None
+        if not cleaned.get("default_memory"):
+            named = [p.strip() for p in cleaned.get("isolated_blocks", "").split(",") if p.strip()]
+            missing = [label for label in named if label not in agent.block_labels]
+            if missing:
+                self.add_error(
+                    "isolated_blocks",
+                    ValidationError(
+                        "The agent has no memory block %(missing)s (it has: %(labels)s).",
+                        code="missing_blocks",
+                        params={
+                            "missing": ", ".join(missing),
+                            "labels": ", ".join(agent.block_labels) or "none",
+                        },
+                    ),
+                )
+        return cleaned

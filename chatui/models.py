@@ -43,6 +43,10 @@ class Conversation(models.Model):
     # Per-conversation request options: max_steps, override_model, enable_thinking,
     # include_return_message_types. Each turn records the ones it used.
     options = models.JSONField(default=dict, blank=True)
+    # The Letta conversation (`conv-...`) that is this chat's own context on its agent.
+    # Blank: the agent's single thread, shared by everyone who talks to the agent that
+    # way (servers without conversations, groups, and chats made before chatui had them).
+    letta_conversation_id = models.CharField(max_length=64, blank=True)
 
     class Meta:
         indexes = [
@@ -58,6 +62,18 @@ class Conversation(models.Model):
     def group_name(self) -> str:
         """The channel-layer group every socket watching this conversation joins."""
         return f"conversation-{self.pk}"
+
+    @property
+    def shares_thread(self) -> bool:
+        """Whether this chat talks on its agent's single thread, which everyone using
+        the agent that way shares (one history, one reply at a time)."""
+        return self.target_kind == TargetKind.AGENT and not self.letta_conversation_id
+
+    def check_access(self) -> None:
+        """Raise TargetForbidden when the owner may no longer use this chat's agent or
+        group (an admin can take access away at any time)."""
+        if not Target.may_use(self.owner, self.target_id):
+            raise TargetForbidden(self)
 
     def active_turn(self) -> Turn | None:
         return self.turns.filter(status__in=Turn.ACTIVE).order_by("-pk").first()
@@ -89,7 +105,13 @@ class Conversation(models.Model):
         otid = otid or str(uuid.uuid4())
         try:
             return self.store_turn(text, otid, attachments or []), True
-        except (IntegrityError, SendRateExceeded, ApprovalPending, AttachmentMissing) as refused:
+        except (
+            IntegrityError,
+            SendRateExceeded,
+            ApprovalPending,
+            AttachmentMissing,
+            TargetForbidden,
+        ) as refused:
             # A resend is rare: only a refusal looks for the turn it may repeat.
             existing = self.turns.filter(otid=otid).first()
             if existing is not None:
@@ -100,6 +122,7 @@ class Conversation(models.Model):
 
     def store_turn(self, text: str, otid: str, attachments: list[int]) -> Turn:
         """Check that the owner may send now, then store the turn and its message."""
+        self.check_access()
         self.check_send_rate()
         pending = list(self.pending_approvals())
         if pending:
@@ -151,6 +174,14 @@ class AttachmentMissing(Exception):
         super().__init__("An attached image is missing or was already sent; attach it again.")
 
 
+class TargetForbidden(Exception):
+    def __init__(self, conversation: Conversation):
+        super().__init__(
+            f"You may no longer use {conversation.target_name}: an admin took access away. "
+            "This chat stays here to read; ask an admin to get access again."
+        )
+
+
 class SendRateExceeded(Exception):
     def __init__(self, limit: int, window: int):
         super().__init__(
@@ -192,6 +223,9 @@ class Turn(models.Model):
         FAILED = "failed", "Failed"
 
     ACTIVE = (Status.QUEUED, Status.RUNNING)
+    # Failures no retry can mend: the agent or the chat's Letta conversation is gone,
+    # or the person may no longer use the agent.
+    FINAL_ERRORS = ("agent_gone", "conversation_gone", "forbidden")
 
     conversation = models.ForeignKey(Conversation, on_delete=models.CASCADE, related_name="turns")
     kind = models.CharField(max_length=12, choices=Kind, default=Kind.MESSAGE)
@@ -360,7 +394,8 @@ class Turn(models.Model):
             "usage": self.usage,
             "error": self.error,
             "error_code": self.error_code,
-            "retryable": self.status in (self.Status.FAILED, self.Status.CANCELLED),
+            "retryable": self.status in (self.Status.FAILED, self.Status.CANCELLED)
+            and self.error_code not in self.FINAL_ERRORS,
         }
 
     def restart(self) -> bool:
@@ -372,6 +407,7 @@ class Turn(models.Model):
             Turn.objects.filter(pk=self.pk)
             .exclude(status__in=self.ACTIVE)
             .exclude(status=self.Status.COMPLETED)
+            .exclude(error_code__in=self.FINAL_ERRORS)
             .update(
                 status=self.Status.RUNNING,
                 error="",
@@ -679,15 +715,20 @@ class ApprovalRequest(models.Model):
 
     @classmethod
     def decidable_by(cls, user: Any) -> models.QuerySet[ApprovalRequest]:
-        """The requests this user may decide (pending or not)."""
+        """The requests this user may decide (pending or not): never those of an agent
+        or group the user may not use."""
         if user.has_perm("chatui.decide_approvalrequest"):
-            return cls.objects.all()
-        if settings.APPROVALS_OWNER_MAY_DECIDE:
-            return cls.objects.filter(conversation__owner=user)
-        return cls.objects.none()
+            requests = cls.objects.all()
+        elif settings.APPROVALS_OWNER_MAY_DECIDE:
+            requests = cls.objects.filter(conversation__owner=user)
+        else:
+            return cls.objects.none()
+        return requests.exclude(conversation__target_id__in=Target.forbidden(user))
 
     def may_be_decided_by(self, user: Any) -> bool:
         if not user.is_authenticated or not user.is_active:
+            return False
+        if not Target.may_use(user, self.conversation.target_id):
             return False
         if user.has_perm("chatui.decide_approvalrequest"):
             return True
@@ -798,6 +839,7 @@ class SystemDecider:
     pk = None
     is_authenticated = True
     is_active = True
+    is_superuser = True  # bound by no agent's access list
 
     def has_perm(self, perm: str) -> bool:
         return True
@@ -810,6 +852,112 @@ DECISION_STATES = {
     "answer": ApprovalRequest.State.ANSWERED,
     "expire": ApprovalRequest.State.EXPIRED,
 }
+
+
+class Target(models.Model):
+    """How chatui offers one Letta agent or group: to whom, under which name, and which
+    of an agent's memory blocks each conversation gets a copy of.
+
+    An agent or group without a row is open to everyone signed in, under its Letta name,
+    with the default memory (each conversation gets its own `human` block, when the
+    agent has one).
+    """
+
+    kind = models.CharField(max_length=10, choices=TargetKind, default=TargetKind.AGENT)
+    letta_id = models.CharField(
+        "Letta id",
+        max_length=42,
+        unique=True,
+        help_text="The agent's or group's id on the Letta server (agent-… or group-…).",
+    )
+    display_name = models.CharField(
+        max_length=200, blank=True, help_text="Shown in the new-chat picker. Blank: Letta's name."
+    )
+    description = models.TextField(
+        blank=True, help_text="Shown in the new-chat picker. Blank: Letta's description."
+    )
+    restricted = models.BooleanField(
+        "only chosen people",
+        default=False,
+        help_text="Off: everyone signed in may use it. On: only the users and groups below.",
+    )
+    users = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="+")
+    groups = models.ManyToManyField("auth.Group", blank=True, related_name="+")
+    default_memory = models.BooleanField(
+        "default per-person memory",
+        default=True,
+        help_text=(
+            "Each conversation gets its own copy of the agent's human block (when it has "
+            "one); every other block is shared. Turn off to name the blocks yourself."
+        ),
+    )
+    isolated_blocks = models.CharField(
+        "per-person memory blocks",
+        max_length=500,
+        blank=True,
+        help_text=(
+            "Used when the default is off: labels of the memory blocks each conversation "
+            "gets its own copy of, comma-separated. Blank: none, every block is shared."
+        ),
+    )
+
+    class Meta:
+        verbose_name = "agent or group"
+        verbose_name_plural = "agents and groups"
+        ordering = ["display_name", "letta_id"]
+
+    def __str__(self) -> str:
+        return self.display_name or self.letta_id
+
+    @classmethod
+    def forbidden(cls, user: Any) -> models.QuerySet:
+        """The ids of the agents and groups this user may not use, as a query that can
+        be part of another (superusers may use all)."""
+        if user.is_superuser:
+            return cls.objects.none().values_list("letta_id", flat=True)
+        restricted = cls.objects.filter(restricted=True)
+        allowed = restricted.filter(Q(users=user.pk) | Q(groups__user=user.pk))
+        return restricted.exclude(pk__in=allowed.values("pk")).values_list("letta_id", flat=True)
+
+    @classmethod
+    def forbidden_ids(cls, user: Any) -> set[str]:
+        return set(cls.forbidden(user))
+
+    @classmethod
+    def may_use(cls, user: Any, letta_id: str) -> bool:
+        if not user.is_authenticated or not user.is_active:
+            return False
+        return letta_id not in cls.forbidden_ids(user)
+
+    @property
+    def block_labels(self) -> list[str]:
+        """The labels an admin named (whatever the default switch says)."""
+        return [label for label in (p.strip() for p in self.isolated_blocks.split(",")) if label]
+
+    @classmethod
+    def isolated_labels(cls, letta_id: str, agent_labels: list[str]) -> list[str]:
+        """The memory blocks a new conversation with this agent gets its own copy of.
+
+        Raises MissingBlocks when the admin named a block the agent does not have: it is
+        refused here, never sent to Letta.
+        """
+        target = cls.objects.filter(letta_id=letta_id).first()
+        if target is None or target.default_memory:
+            return ["human"] if "human" in agent_labels else []
+        missing = [label for label in target.block_labels if label not in agent_labels]
+        if missing:
+            raise MissingBlocks(missing, agent_labels)
+        return target.block_labels
+
+
+class MissingBlocks(Exception):
+    def __init__(self, missing: list[str], labels: list[str]):
+        have = ", ".join(labels) or "none"
+        super().__init__(
+            f"The agent has no memory block {', '.join(missing)} (it has: {have}). An admin "
+            "must correct its per-person memory blocks before new chats can start."
+        )
+        self.missing = missing
 
 
 class Feedback(models.Model):

@@ -36,8 +36,15 @@ from chatui.letta.client import (
     LettaHTTPError,
     LettaStream,
     LettaTimeout,
+    Thread,
 )
-from chatui.letta.schemas import ClientTool, GroupRequest, RequestMessage, StreamRequest
+from chatui.letta.schemas import (
+    ClientTool,
+    GroupRequest,
+    RequestMessage,
+    StreamRequest,
+    edits_memory,
+)
 from chatui.models import (
     AgentLock,
     ApprovalRequest,
@@ -176,6 +183,9 @@ class TurnRun:
         self.returned_calls: set[str] = set()  # tool calls whose result was stored
         self.background = turn.background
         self.run_id = turn.run_id
+        # A chat with a Letta conversation of its own never waits for its agent.
+        self.needs_lock = not conversation.letta_conversation_id
+        self.memory_changed = False  # the agent called a tool that edits its memory
         self.agent_free = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.recording: asyncio.Task | None = None  # storing the run id
@@ -220,7 +230,7 @@ class TurnRun:
             await self.finish()
         finally:
             control.cancel()
-            if not self.released:
+            if self.needs_lock and not self.released:
                 await database_sync_to_async(AgentLock.release)(self.turn)
             self.queue.put_nowait(None)
             await sender
@@ -230,13 +240,21 @@ class TurnRun:
                 await self.layer.group_discard(
                     control_group(self.conversation.pk), self.control_channel
                 )
-                await self.layer.group_send(agent_group(self.agent_id), {"type": "agent.released"})
+                if self.needs_lock:
+                    await self.layer.group_send(
+                        agent_group(self.agent_id), {"type": "agent.released"}
+                    )
             if running.get(self.conversation.pk) is self:
                 del running[self.conversation.pk]
 
     @property
     def agent_id(self) -> str:
         return self.conversation.target_id
+
+    @property
+    def thread(self) -> Thread:
+        """Where this chat lives on Letta: its own conversation, or the agent's thread."""
+        return Thread(self.agent_id, self.conversation.letta_conversation_id)
 
     def request(self) -> StreamRequest:
         """The body to send: the turn's stored request item (with the images of its
@@ -270,7 +288,7 @@ class TurnRun:
                     else:
                         await self.send(client)
                 except LettaError as error:
-                    self.error = describe(error)
+                    self.error = await self.explain(client, error)
                 if self.error and self.might_wait_for_approval():
                     try:
                         await self.adopt_pending_approval(client)
@@ -278,6 +296,25 @@ class TurnRun:
                         log.warning("turn %s: history unreadable: %s", self.turn.pk, error)
         except LettaError as error:
             self.error = describe(error)
+
+    async def explain(self, client: LettaClient, error: LettaError) -> tuple[str, str]:
+        """What a failure means to the person: when Letta no longer knows the agent or
+        this chat's conversation (deleted there), say so; no retry can help then."""
+        if isinstance(error, LettaHTTPError) and error.status == 404 and not self.taking_over:
+            gone = await client.what_is_gone(self.thread)
+            name = self.conversation.target_name
+            if gone == "agent":
+                return "agent_gone", (
+                    f"{name} no longer exists on the Letta server (it was deleted there). "
+                    "This chat stays here to read; start a new chat with another agent."
+                )
+            if gone == "conversation":
+                return "conversation_gone", (
+                    f"This chat's conversation with {name} no longer exists on the Letta "
+                    "server (it was deleted there). This chat stays here to read; start a "
+                    f"new chat with {name} to go on."
+                )
+        return describe(error)
 
     def might_wait_for_approval(self) -> bool:
         """Whether a failed send may be Letta refusing because a tool call waits.
@@ -307,7 +344,7 @@ class TurnRun:
         while True:  # each refusal that says what the server takes is answered once
             self.sent, self.background = True, bool(request.background)
             try:
-                await self.relay(client.stream_agent_message(self.agent_id, request))
+                await self.relay(client.stream_message(self.thread, request))
                 break
             except LettaHTTPError as error:
                 retry = await database_sync_to_async(self.fallback)(error, request)
@@ -343,7 +380,7 @@ class TurnRun:
         self.assembler = Assembler()
         self.error, self.stop_reason, self.token_approval_crashed = None, "", False
         request = request.model_copy(update={"stream_tokens": False})
-        await self.relay(client.stream_agent_message(self.agent_id, request))
+        await self.relay(client.stream_message(self.thread, request))
 
     async def send_to_group(self, client: LettaClient) -> None:
         """Groups answer on their own endpoints: streamed where the server offers that
@@ -437,7 +474,7 @@ class TurnRun:
                 self.assembler.last_seq_id,
             )
             self.broken, self.error = False, None
-            await self.relay(client.resume_run(self.run_id, self.assembler.last_seq_id))
+            await self.relay(client.resume(self.thread, self.run_id, self.assembler.last_seq_id))
 
     async def take_over(self, client: LettaClient) -> None:
         """Finish a turn a dead worker was streaming: re-attach to a background run
@@ -470,7 +507,7 @@ class TurnRun:
         while run.status in ("created", "running") and time.monotonic() < deadline:
             await asyncio.sleep(1)
             run = await client.get_run(self.run_id)
-        async for message in client.iter_agent_messages(self.agent_id):
+        async for message in client.iter_messages(self.thread):
             if message.run_id == self.run_id and message.message_type != "user_message":
                 await self.store(message)
         self.stop_reason = run.stop_reason or ""
@@ -506,9 +543,7 @@ class TurnRun:
     async def adopt_pending_approval(self, client: LettaClient) -> None:
         """Letta says (or seems to say) the agent waits for an approval chatui never saw,
         asked elsewhere: find it in the newest history and show it here as a form."""
-        waiting = waiting_approval(
-            await client.list_agent_messages(self.agent_id, limit=100, order="desc")
-        )
+        waiting = waiting_approval(await client.list_messages(self.thread, limit=100, order="desc"))
         if waiting is None:
             return
         call_ids = [call.tool_call_id for call in waiting.tool_calls or [waiting.tool_call] if call]
@@ -542,8 +577,9 @@ class TurnRun:
             log.exception("turn %s: could not begin with its send", self.turn.pk)
 
     def acquire(self) -> bool:
-        """Take the agent's lock and, with it, build the request to send."""
-        if not AgentLock.acquire(self.turn):
+        """Take the agent's lock (only a shared thread has one) and, with it, build the
+        request to send."""
+        if self.needs_lock and not AgentLock.acquire(self.turn):
             return False
         if not self.taking_over:
             self.prepared = self.request()
@@ -596,12 +632,16 @@ class TurnRun:
         await database_sync_to_async(self.conclude)(
             status, stop_reason=self.stop_reason, usage=self.usage, error=text, error_code=code
         )
-        self.queue.put_nowait({"type": "turn", "turn": self.turn.as_frame()})
+        frame = self.turn.as_frame()
+        if self.memory_changed:
+            frame["memory_changed"] = True  # a page showing the memory panel refreshes it
+        self.queue.put_nowait({"type": "turn", "turn": frame})
 
     def conclude(self, status: str, **outcome: Any) -> None:
         """Record the outcome and free the agent, in one trip to the database thread."""
         self.turn.finish(status, **outcome)
-        AgentLock.release(self.turn)
+        if self.needs_lock:
+            AgentLock.release(self.turn)
         self.released = True
 
     # -- events from the assembler ----------------------------------------------------
@@ -664,7 +704,7 @@ class TurnRun:
         if not missing or self.client is None:
             return
         try:
-            recent = await self.client.list_agent_messages(self.agent_id, limit=50, order="desc")
+            recent = await self.client.list_messages(self.thread, limit=50, order="desc")
         except LettaError as error:
             log.warning("turn %s: could not read unstreamed tool results: %s", self.turn.pk, error)
             return
@@ -677,6 +717,8 @@ class TurnRun:
         """Persist a complete message; an approval request also becomes decidable."""
         if letta_message.message_type == "tool_return_message":
             self.returned_calls.update(returned_call_ids(letta_message))
+        if edits_memory(letta_message):
+            self.memory_changed = True
         frame, approvals = await database_sync_to_async(store_message)(self.turn, letta_message)
         self.stored = [known for known in self.stored if known["id"] != frame["id"]] + [frame]
         self.queue.put_nowait({"type": "message", "message": frame})
@@ -765,17 +807,15 @@ class TurnRun:
             return
         # Groups have no cancel route: cancel what each member is running.
         if self.conversation.target_kind == TargetKind.GROUP:
-            targets = [(member["id"], None) for member in self.conversation.members]
+            targets = [(Thread(member["id"]), None) for member in self.conversation.members]
         else:
-            targets = [(self.agent_id, [self.run_id] if self.run_id else None)]
+            targets = [(self.thread, [self.run_id] if self.run_id else None)]
         async with LettaClient.from_settings() as client:
-            for agent_id, run_ids in targets:
+            for thread, run_ids in targets:
                 try:
-                    await client.cancel_runs(agent_id, run_ids)
+                    await client.cancel(thread, run_ids)
                 except LettaError as error:
-                    log.warning(
-                        "cancel for turn %s failed at %s: %s", self.turn.pk, agent_id, error
-                    )
+                    log.warning("cancel for turn %s failed at %s: %s", self.turn.pk, thread, error)
         if self.stream_task is not None and not self.stream_task.done():
             loop = asyncio.get_running_loop()
             loop.call_later(settings.STOP_GRACE_SECONDS, self.stream_task.cancel)

@@ -29,7 +29,7 @@ from chatui.forms import (
 )
 from chatui.letta.client import LettaClient, LettaError, LettaHTTPError
 from chatui.letta.schemas import Agent, Group
-from chatui.models import ApprovalRequest, Attachment, Conversation, Feedback, Message
+from chatui.models import ApprovalRequest, Attachment, Conversation, Feedback, Message, Target
 from chatui.templatetags.chatui import PALETTE
 
 
@@ -80,7 +80,8 @@ def owner_feedback(conversation: Conversation) -> Prefetch:
     )
 
 
-async def fetch_targets() -> tuple[list[Agent], list[Group]]:
+async def fetch_targets() -> tuple[list[Agent], list[Group], bool | None]:
+    """The server's agents and groups, and whether it has conversations (None: unknown)."""
     async with LettaClient.from_settings() as client:
         agents = await client.list_agents()
         try:
@@ -88,29 +89,52 @@ async def fetch_targets() -> tuple[list[Agent], list[Group]]:
         except LettaHTTPError:
             # Groups are a bonus: a server (or proxy) that refuses them still has agents.
             groups = []
-        return agents, groups
+        private = await client.has_conversations(agents[0].id) if agents else None
+        return agents, groups, private
 
 
-def available_targets() -> tuple[list[Agent], list[dict[str, Any]], str]:
-    """The agents and groups on the Letta server, by name, or a sentence saying why
-    there are none. Each group comes as {id, name, description, members}."""
+def available_targets(user: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """The agents and groups on the Letta server this user may use, by name, or a
+    sentence saying why there are none. Each comes as {id, name, description, ...}: an
+    agent with `shared` (everyone using it shares one history), a group with `members`.
+    The names and descriptions an admin gave them win over Letta's."""
     try:
-        agents, groups = async_to_sync(fetch_targets)()
+        agents, groups, private = async_to_sync(fetch_targets)()
     except LettaError as error:
         return [], [], f"The Letta server cannot be reached right now ({error})."
+    forbidden = Target.forbidden_ids(user)
+    chosen = {target.letta_id: target for target in Target.objects.all()}
     names = {agent.id: agent.name or agent.id for agent in agents}
     listed = []
     for group in groups:
+        if group.id in forbidden:
+            continue
         members = [
             {"id": agent_id, "name": names.get(agent_id, agent_id), "colour": n % PALETTE + 1}
             for n, agent_id in enumerate(group.agent_ids)
         ]
         name = group_name(group, [member["name"] for member in members])
         description = (group.description or "").removeprefix(name).lstrip(" —–-.").strip()
+        if group.id in chosen:
+            name = chosen[group.id].display_name or name
+            description = chosen[group.id].description or description
         listed.append(
             {"id": group.id, "name": name, "description": description, "members": members}
         )
-    by_name = sorted(agents, key=lambda agent: (agent.name or agent.id).casefold())
+    offered = []
+    for agent in agents:
+        if agent.id in forbidden:
+            continue
+        target = chosen.get(agent.id)
+        offered.append(
+            {
+                "id": agent.id,
+                "name": (target and target.display_name) or agent.name or "",
+                "description": (target and target.description) or agent.description or "",
+                "shared": private is False,
+            }
+        )
+    by_name = sorted(offered, key=lambda agent: (agent["name"] or agent["id"]).casefold())
     return by_name, sorted(listed, key=lambda group: group["name"].casefold()), ""
 
 
@@ -132,11 +156,11 @@ def home(request: HttpRequest) -> HttpResponse:
 
 @login_required
 def new_conversation(request: HttpRequest) -> HttpResponse:
-    form = NewConversationForm(request.POST or None)
+    form = NewConversationForm(request.POST or None, user=request.user)
     if request.method == "POST" and form.is_valid():
         conversation = form.save(request.user)
         return redirect("conversation", conversation.pk)
-    agents, groups, upstream_error = available_targets()
+    agents, groups, upstream_error = available_targets(request.user)
     return render_page(
         request,
         "chat/new.html",

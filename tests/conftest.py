@@ -175,6 +175,9 @@ def test_settings(settings):
     turns.no_background.clear()
     turns.legacy_approvals.clear()
     turns.no_group_stream.clear()
+    from chatui.letta import client
+
+    client.conversations_support.clear()
 
 
 @pytest.fixture

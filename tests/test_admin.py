@@ -362,6 +362,7 @@ def test_grant_reviewer_makes_a_group_with_only_view_permissions(reviewer):
             "attachment",
             "worker",
             "agentlock",
+            "target",
         ]
     }
     assert set(group.permissions.values_list("content_type__app_label", flat=True)) == {"chatui"}

@@ -332,4 +332,11 @@ async def test_a_killed_worker_finishes_the_reply_when_it_starts_again(make_chat
     stored = [f["message"] for f in frames if f["type"] == "message"]
     assert [m["kind"] for m in stored] == ["user", "assistant"]
     assert " ".join(f"t{n}" for n in range(1, 26)) in stored[1]["html"]
-    assert len(upstream_requests(demo, "/messages/stream")) == 1  # never sent twice
+    # Sent once, into the chat's own Letta conversation; then only resumed.
+    sends = [
+        r
+        for r in upstream_requests(demo, "/v1/conversations/")
+        if r["method"] == "POST" and r["path"].rstrip("/").endswith("/messages")
+    ]
+    assert len(sends) == 1
+    assert not upstream_requests(demo, "/messages/stream")
