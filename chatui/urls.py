@@ -37,6 +37,11 @@ urlpatterns = [
         name="conversation_options",
     ),
     path(
+        "conversations/<int:conversation_id>/memory/",
+        views.conversation_memory,
+        name="conversation_memory",
+    ),
+    path(
         "conversations/<int:conversation_id>/attachments/",
         views.upload_attachment,
         name="upload_attachment",

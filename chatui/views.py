@@ -27,9 +27,17 @@ from chatui.forms import (
     RenameConversationForm,
     group_name,
 )
-from chatui.letta.client import LettaClient, LettaError, LettaHTTPError
+from chatui.letta.client import LettaClient, LettaError, LettaHTTPError, Thread
 from chatui.letta.schemas import Agent, Group
-from chatui.models import ApprovalRequest, Attachment, Conversation, Feedback, Message, Target
+from chatui.models import (
+    ApprovalRequest,
+    Attachment,
+    Conversation,
+    Feedback,
+    Message,
+    Target,
+    TargetKind,
+)
 from chatui.templatetags.chatui import PALETTE
 
 
@@ -243,6 +251,36 @@ def delete_conversation(request: HttpRequest, conversation_id: int) -> HttpRespo
     conversation.delete()
     flash.success(request, f"Deleted “{conversation}”.")
     return redirect("home")
+
+
+async def fetch_memory(conversation: Conversation) -> list[tuple[Any, bool]]:
+    async with LettaClient.from_settings() as client:
+        return await client.memory(
+            Thread(conversation.target_id, conversation.letta_conversation_id)
+        )
+
+
+@login_required
+def conversation_memory(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    """What the agent remembers in this chat: its memory blocks, read-only, each marked
+    as this chat's own copy or shared with everyone using the agent. A panel the page
+    opens (?panel=1, and again when a turn changed the memory), or a page."""
+    conversation = get_object_or_404(
+        Conversation, pk=conversation_id, owner=request.user, target_kind=TargetKind.AGENT
+    )
+    blocks, error = [], ""
+    try:
+        blocks = async_to_sync(fetch_memory)(conversation)
+    except LettaError as failure:
+        error = f"The Letta server cannot show the agent's memory right now ({failure})."
+    panel = "panel" in request.GET
+    return render_page(
+        request,
+        "chat/_memory.html" if panel else "chat/memory.html",
+        conversation=conversation,
+        blocks=[{"block": block, "own": own} for block, own in blocks],
+        error=error,
+    )
 
 
 async def fetch_models() -> list[str]:

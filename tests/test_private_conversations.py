@@ -333,3 +333,65 @@ async def test_a_chat_whose_conversation_or_agent_was_deleted_upstream_says_so(
     refused = await receive_until(socket, lambda f: f["type"] == "error")
     assert refused[-1]["code"] == "not_retryable"
     await socket.disconnect()
+
+
+# -- what the agent remembers -------------------------------------------------------------
+
+
+async def test_the_memory_panel_marks_own_and_shared_blocks_and_follows_edits(
+    demo, user, user_cookie, client
+):
+    chat = await private_chat(user, demo)
+    conversation_id = await asyncio.to_thread(
+        letta_conversation, demo, ECHO, isolated_block_labels=["human"]
+    )
+    await database_sync_to_async(Conversation.objects.filter(pk=chat.pk).update)(
+        letta_conversation_id=conversation_id
+    )
+    await database_sync_to_async(chat.refresh_from_db)()
+    url = reverse("conversation_memory", args=[chat.pk])
+
+    def panel() -> str:
+        client.force_login(user)
+        response = client.get(url, {"panel": "1"})
+        assert response.status_code == 200
+        return response.content.decode()
+
+    before = await database_sync_to_async(panel)()
+    human = before.index("<h3>human</h3>")
+    persona = before.index("<h3>persona</h3>")
+    assert "Only this chat" in before[human:persona]
+    assert "Shared with everyone using Demo · Echo" in before[persona:]
+    assert "Someone trying chatui." in before
+
+    socket, _, _ = await connect(chat, cookie=user_cookie)
+    await send(
+        socket,
+        '/run core_memory_append {"label": "human", "content": "Likes <b>tea</b>"}',
+    )
+    frames = await receive_until(socket, turn_ended)
+    assert frames[-1]["turn"].get("memory_changed") is True
+    await wait_for_runner(chat)
+    after = await database_sync_to_async(panel)()
+    assert "Likes &lt;b&gt;tea&lt;/b&gt;" in after  # inert, as the agent wrote it
+    # Another chat with the same agent did not learn it: its human block is its own.
+    other = await private_chat(user, demo)
+    url = reverse("conversation_memory", args=[other.pk])
+    assert "tea" not in await database_sync_to_async(panel)()
+    await send(socket, "no memory change here")
+    plain = await receive_until(socket, turn_ended)
+    assert "memory_changed" not in plain[-1]["turn"]
+    await socket.disconnect()
+
+
+def test_the_memory_panel_is_only_for_the_owners_agent_chats(client, user, other_user, demo):
+    mine = Conversation.objects.create(owner=user, target_id=ECHO, target_name="Demo · Echo")
+    client.force_login(other_user)
+    assert client.get(reverse("conversation_memory", args=[mine.pk])).status_code == 404
+    client.force_login(user)
+    page = client.get(reverse("conversation_memory", args=[mine.pk])).content.decode()
+    assert "What Demo · Echo remembers" in page
+    assert "shares one history here, and every block below" in page  # the agent's own thread
+    demo.fault("http_status", status=502, path="/v1/agents/")
+    failed = client.get(reverse("conversation_memory", args=[mine.pk]), {"panel": "1"})
+    assert "cannot show the agent&#x27;s memory right now" in failed.content.decode()

@@ -572,6 +572,23 @@ class LettaClient:
             await self._send("DELETE", f"/v1/conversations/{conversation_id}", stream=True)
         )
 
+    async def memory(self, thread: Thread) -> list[tuple[Block, bool]]:
+        """The memory blocks a thread's agent sees there, in the agent's order, each with
+        whether it is the conversation's own copy (True) or shared with the agent."""
+        agent = await self.get_agent(thread.agent_id)
+        own: dict[str, Block] = {}
+        if thread.conversation_id:
+            conversation = await self.get_conversation(thread.conversation_id)
+            copies = await asyncio.gather(
+                *(self.get_block(block_id) for block_id in conversation.isolated_block_ids)
+            )
+            own = {block.label: block for block in copies if block.label}
+        shown = []
+        for block in agent.blocks:
+            copy = own.pop(block.label or "", None)
+            shown.append((copy, True) if copy is not None else (block, False))
+        return shown + [(block, True) for block in own.values()]
+
     async def get_block(self, block_id: str) -> Block:
         if not isinstance(block_id, str) or not block_id.startswith("block-") or "/" in block_id:
             raise LettaProtocolError(f"{block_id!r} is not a block id")

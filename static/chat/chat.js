@@ -688,6 +688,7 @@
         // Only the latest stopped or failed turn can be retried.
         transcript.querySelectorAll("[data-retry]").forEach((button) => button.remove());
       }
+      if (turn.memory_changed) refreshMemory();
       if (!ACTIVE.has(turn.status)) {
         section.querySelectorAll(".msg.is-streaming").forEach((node) => {
           node.classList.remove("is-streaming");
@@ -1212,29 +1213,45 @@
       }
     });
 
-    // -- reply settings, in a dialog over the conversation
+    // -- panels in a dialog over the conversation: reply settings, the agent's memory
 
-    async function openOptions(link) {
+    // The link whose panel the dialog shows (refreshed when the memory changes).
+    let panelLink = null;
+
+    async function loadPanel(link) {
+      const url = new URL(link.href, window.location.href);
+      url.searchParams.set("panel", "1");
+      const response = await fetch(url, { credentials: "same-origin" });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      dialog.innerHTML = await response.text();
+      dialog.setAttribute("aria-label", link.dataset.panelLabel || link.textContent.trim());
+    }
+
+    async function openPanel(link) {
       try {
-        const url = new URL(link.href, window.location.href);
-        url.searchParams.set("panel", "1");
-        const response = await fetch(url, { credentials: "same-origin" });
-        if (!response.ok) throw new Error(`HTTP ${response.status}`);
-        dialog.innerHTML = await response.text();
+        await loadPanel(link);
       } catch (error) {
         window.location.href = link.href;
         return;
       }
+      panelLink = link;
       if (menu) menu.open = false;
       dialog.showModal();
-      const first = dialog.querySelector("select, input:not([type=hidden])");
+      const first = dialog.querySelector("select, input:not([type=hidden]), [data-dialog-close]");
       if (first) first.focus();
     }
 
-    document.querySelectorAll("[data-options-open]").forEach((link) =>
+    function refreshMemory() {
+      // The agent edited its memory: a memory panel that is open shows the new text.
+      if (dialog.open && panelLink && panelLink.hasAttribute("data-memory-open")) {
+        loadPanel(panelLink).catch(() => {});
+      }
+    }
+
+    document.querySelectorAll("[data-options-open], [data-memory-open]").forEach((link) =>
       link.addEventListener("click", (event) => {
         event.preventDefault();
-        openOptions(link);
+        openPanel(link);
       }),
     );
     dialog.addEventListener("click", (event) => {
