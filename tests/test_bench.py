@@ -68,6 +68,10 @@ def test_the_quick_bench_prints_every_row_with_sane_numbers(tmp_path):
 
     loads = [f"{n} conv., {pace}" for n in (1, 5) for pace in ("full rate", "20 tokens/s each")]
     check_relay_rows(table, loads, targets=3)
+    # Many people on one agent, each chat a Letta conversation: chatui and the bare relay.
+    one_agent = "5 conv., all on ONE agent (a Letta conversation each), 20 tokens/s each"
+    check_relay_rows(table, [one_agent], targets=2)
+    assert table[f"events/s, {one_agent}"][2] == "–"
     short = numbers(table["database writes per turn, 10-token reply"][0])
     long = numbers(table["database writes per turn, 1,000-token reply"][0])
     assert 3 <= short[0] <= 50 and long == short

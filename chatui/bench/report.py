@@ -5,15 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from chatui.bench.clients import Relayed
-from chatui.bench.run import GOAL_IDLE_KB, GOAL_OPEN_MS, GOAL_P99_MS, GOAL_RATE, Results
+from chatui.bench.run import (
+    GOAL_IDLE_KB,
+    GOAL_OPEN_MS,
+    GOAL_P99_MS,
+    GOAL_RATE,
+    Results,
+    round_kind,
+    round_suffix,
+)
 
 COLUMNS = ["measurement", "chatui", "bare relay", "direct SSE", "÷ bare", "÷ direct", "goal", "met"]
 
 
-def load_label(result: Relayed, workers: int = 1) -> str:
+def load_label(result: Relayed, workers: int = 1, label: str = "") -> str:
     pace = "full rate" if not result.pace else f"{1 / result.pace:.0f} tokens/s each"
     where = f", {workers} workers" if workers > 1 else ""
-    return f"{result.conversations} conv., {pace}{where}"
+    on = ", all on ONE agent (a Letta conversation each)" if label == "1agent" else ""
+    return f"{result.conversations} conv.{on}, {pace}{where}"
 
 
 def ms(value: float) -> str:
@@ -42,13 +51,13 @@ def yes(met: bool) -> str:
     return "yes" if met else "**no**"
 
 
-def relay_rows(results: Results, workers: int) -> list[list[str]]:
+def relay_rows(results: Results, workers: int, kind: str = "") -> list[list[str]]:
     rows = []
-    suffix = "" if workers == 1 else f"@{workers}"
+    suffix = round_suffix(workers, kind)
     for chatui in [r for r in results.relay if r.target == "chatui" + suffix]:
-        bare = results.find("bare", chatui.conversations, chatui.pace, workers)
-        direct = results.find("direct", chatui.conversations, chatui.pace)
-        label = load_label(chatui, workers)
+        bare = results.find("bare", chatui.conversations, chatui.pace, workers, kind)
+        direct = results.find("direct", chatui.conversations, chatui.pace, 1, kind)
+        label = load_label(chatui, workers, kind)
         rate_met = bare is not None and chatui.rate >= GOAL_RATE * bare.rate
         rows.append(
             [
@@ -86,10 +95,10 @@ def goals(results: Results) -> dict[str, bool]:
     """Each goal, met or not, over every load measured (one worker and N)."""
     pairs = []
     for chatui in results.relay:
-        if not chatui.target.startswith("chatui"):
+        name, workers, kind = round_kind(chatui.target)
+        if name != "chatui":
             continue
-        workers = int(chatui.target.partition("@")[2] or 1)
-        bare = results.find("bare", chatui.conversations, chatui.pace, workers)
+        bare = results.find("bare", chatui.conversations, chatui.pace, workers, kind)
         if bare is not None:
             pairs.append((chatui, bare))
     short, long = (
@@ -108,7 +117,7 @@ def goals(results: Results) -> dict[str, bool]:
 
 
 def table(results: Results) -> str:
-    rows = relay_rows(results, 1)
+    rows = relay_rows(results, 1) + relay_rows(results, 1, "1agent")
     writes = sorted(results.writes.items())
     for tokens, count in writes:
         rows.append(

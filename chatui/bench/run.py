@@ -56,6 +56,8 @@ class Plan:
     # Each relay round runs this often, chatui's and the bare relay's taking turns, and
     # the run with the median rate is reported: one run moves by tens of percent here.
     round_repeats: int = 3
+    # The real case: this many people on ONE agent, each chat its own Letta conversation.
+    one_agent: int = 200
 
 
 QUICK = Plan(
@@ -67,7 +69,10 @@ QUICK = Plan(
     long_conversation=500,
     open_repeats=5,
     round_repeats=1,
+    one_agent=5,
 )
+# The one agent of that round (the synthetic upstream answers any id).
+ONE_AGENT = "agent-00000000-0000-4000-8000-0000000000a1"
 
 
 # -- processes ----------------------------------------------------------------------------
@@ -212,14 +217,23 @@ def people(count: int, prefix: str) -> list[tuple[Any, str]]:
     return signed_in
 
 
-def conversations_of(signed_in: list[tuple[Any, str]], each: int = 1) -> list[tuple[int, str, str]]:
-    """`each` new conversations per user, each with an agent of its own (chatui lets
-    one turn at a time reach an agent): (conversation id, agent id, cookie)."""
+def conversations_of(
+    signed_in: list[tuple[Any, str]], each: int = 1, *, one_agent: str = ""
+) -> list[tuple[int, str, str]]:
+    """`each` new conversations per user: (conversation id, agent id, cookie). Each
+    talks to an agent of its own on the agent's thread (where chatui lets one turn at a
+    time reach an agent), or, with `one_agent`, all to that agent, each in a Letta
+    conversation of its own (as /new/ makes them on a server with conversations)."""
     from chatui.models import Conversation as Chat
 
     made = Chat.objects.bulk_create(
         [
-            Chat(owner=user, target_id=f"agent-{uuid.uuid4()}", target_name="Bench agent")
+            Chat(
+                owner=user,
+                target_id=one_agent or f"agent-{uuid.uuid4()}",
+                target_name="Bench agent",
+                letta_conversation_id=f"conv-{uuid.uuid4()}" if one_agent else "",
+            )
             for user, _ in signed_in
             for _ in range(each)
         ]
@@ -363,12 +377,24 @@ class Results:
     open_ms: float = 0.0
     long_conversation: int = 0
 
-    def find(self, target: str, conversations: int, pace: float, workers: int = 1):
-        name = target if workers == 1 else f"{target}@{workers}"
+    def find(self, target: str, conversations: int, pace: float, workers: int = 1, label: str = ""):
+        name = target + round_suffix(workers, label)
         for result in self.relay:
             if (result.target, result.conversations, result.pace) == (name, conversations, pace):
                 return result
         return None
+
+
+def round_suffix(workers: int, label: str = "") -> str:
+    """How a round's target is named: chatui, chatui@2, chatui/1agent, ..."""
+    return ("" if workers == 1 else f"@{workers}") + (f"/{label}" if label else "")
+
+
+def round_kind(target: str) -> tuple[str, int, str]:
+    """A round's target name taken apart: (target, workers, label)."""
+    rest, _, label = target.partition("/")
+    name, _, workers = rest.partition("@")
+    return name, int(workers or 1), label
 
 
 async def relay_rounds(
@@ -381,16 +407,24 @@ async def relay_rounds(
     *,
     direct: bool = True,
     say: Callable[[str], None],
+    counts: tuple[int, ...] | None = None,
+    paced_only: bool = False,
+    label: str = "",
 ) -> None:
-    suffix = "" if len(chatui_addresses) == 1 else f"@{len(chatui_addresses)}"
-    for count in plan.conversations:
+    """Every round of the plan (or of `counts` conversations), each run `round_repeats`
+    times; `label` names rounds of a kind of their own (one agent: "1agent")."""
+    suffix = round_suffix(len(chatui_addresses), label)
+    for count in counts or plan.conversations:
         mine = chats[:count]
         conversations = [
             Conversation(chatui_addresses[n % len(chatui_addresses)], chat, agent, cookie)
             for n, (chat, agent, cookie) in enumerate(mine)
         ]
         agents = [agent for _, agent, _ in mine]
-        for pace, tokens in ((0.0, plan.full_tokens[count]), (plan.pace, plan.paced_tokens)):
+        paces = [(plan.pace, plan.paced_tokens)]
+        if not paced_only:
+            paces.insert(0, (0.0, plan.full_tokens[count]))
+        for pace, tokens in paces:
             targets = ("chatui", "bare", "direct") if direct else ("chatui", "bare")
             runs: dict[str, list[Relayed]] = {target: [] for target in targets}
             for repeat in range(plan.round_repeats):
@@ -494,6 +528,7 @@ def main(*, quick: bool, workers: int, redis_url: str, say: Callable[[str], None
     chats = conversations_of(people(most, "bench"))
     idle_owner = people(1, "bench-idle")
     idle_chats = conversations_of(idle_owner, plan.idle_sockets + 20)
+    one_agent_chats = conversations_of(people(plan.one_agent, "bench-one"), one_agent=ONE_AGENT)
     long_chat, reader = long_conversation(plan.long_conversation)
 
     upstream_process, upstream = start_upstream()
@@ -506,6 +541,22 @@ def main(*, quick: bool, workers: int, redis_url: str, say: Callable[[str], None
             asyncio.run(
                 relay_rounds(
                     plan, results, upstream, chats, [chatui.address], [bare.address], say=say
+                )
+            )
+            say(f"many people on one agent: {plan.one_agent} conversations, 1 worker")
+            asyncio.run(
+                relay_rounds(
+                    plan,
+                    results,
+                    upstream,
+                    one_agent_chats,
+                    [chatui.address],
+                    [bare.address],
+                    direct=False,
+                    say=say,
+                    counts=(plan.one_agent,),
+                    paced_only=True,
+                    label="1agent",
                 )
             )
 

@@ -1,6 +1,7 @@
 """A synthetic Letta server for the benchmark: token-mode answers, stamped.
 
-POST /v1/agents/<id>/messages/stream answers any agent id with one assistant message
+POST /v1/agents/<id>/messages/stream (and POST /v1/conversations/<id>/messages, a
+Letta conversation's send) answers any agent or conversation id with one assistant message
 streamed token by token, the way Letta streams with `stream_tokens`, then its stop
 reason, usage and `[DONE]`. The user's text says how: `tokens=N` tokens, at
 `pace=S` seconds apart (0, the default: as fast as the server can write).
@@ -103,6 +104,8 @@ def make_app() -> web.Application:
     app.router.add_get("/v1/health/", health)
     app.router.add_post("/v1/agents/{agent_id}/messages/stream", stream)
     app.router.add_post("/v1/agents/{agent_id}/messages/cancel", cancel)
+    app.router.add_post("/v1/conversations/{conversation_id}/messages", stream)
+    app.router.add_post("/v1/conversations/{conversation_id}/cancel", cancel)
     return app
 
 
