@@ -300,7 +300,12 @@ class TurnRun:
     async def explain(self, client: LettaClient, error: LettaError) -> tuple[str, str]:
         """What a failure means to the person: when Letta no longer knows the agent or
         this chat's conversation (deleted there), say so; no retry can help then."""
-        if isinstance(error, LettaHTTPError) and error.status == 404 and not self.taking_over:
+        if (
+            isinstance(error, LettaHTTPError)
+            and error.status == 404
+            and self.conversation.target_kind == TargetKind.AGENT
+            and not self.taking_over
+        ):
             gone = await client.what_is_gone(self.thread)
             name = self.conversation.target_name
             if gone == "agent":

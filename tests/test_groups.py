@@ -155,3 +155,16 @@ async def test_an_approval_inside_a_groups_answer_is_decided_with_the_group_id(
     assert after_decision[0] == "tool_return" and after_decision[-1] == "assistant"
     assert rows[-1][1] == MEMBERS[0]["name"]  # the member who asked goes on
     await communicator.disconnect()
+
+
+async def test_a_group_the_server_no_longer_knows_fails_readably(group_chat, user_cookie, demo):
+    # Both the stream and the plain group send answer 404.
+    demo.fault("http_status", status=404, path="/v1/groups/", detail="Group not found", count=2)
+    communicator, _, _ = await connect(group_chat, cookie=user_cookie)
+    await send(communicator, "anyone there?")
+    frames = await receive_until(communicator, turn_ended)
+    turn = frames[-1]["turn"]
+    assert (turn["status"], turn["error_code"]) == ("failed", "not_found")
+    assert "Group not found" in turn["error"]
+    await wait_for_runner(group_chat)
+    await communicator.disconnect()
