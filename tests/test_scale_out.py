@@ -220,8 +220,9 @@ async def test_an_approval_decided_on_one_worker_resumes_the_stream_watched_on_t
 
 
 async def test_the_agent_lock_holds_across_workers(workers, people, demo):
+    """On an agent's shared thread (a server without conversations), one turn at a time."""
     a, b = workers
-    demo.config(token_delay=0.03)
+    demo.config(token_delay=0.03, conversations=False)
     first = await conversation_for(a, people["ada"])
     second = await conversation_for(b, people["grace"])
     async with (
@@ -248,6 +249,35 @@ async def test_the_agent_lock_holds_across_workers(workers, people, demo):
     assert len(runs) == 2
     (_, first_done), (second_started, _) = runs
     assert second_started >= first_done, "two streams to one agent at once"
+
+
+async def test_chats_with_their_own_conversations_stream_at_once_across_workers(
+    workers, people, demo
+):
+    a, b = workers
+    demo.config(token_delay=0.03)
+    first = await conversation_for(a, people["ada"])
+    second = await conversation_for(b, people["grace"])
+    async with (
+        browser(a, first, people["ada"]) as on_a,
+        browser(b, second, people["grace"]) as on_b,
+    ):
+        await synced(on_a)
+        await synced(on_b)
+        await asyncio.gather(
+            on_a.send(json.dumps({"type": "send", "text": "/tokens 20"})),
+            on_b.send(json.dumps({"type": "send", "text": "/tokens 20"})),
+        )
+        frames_a, frames_b = await asyncio.gather(
+            frames_until(on_a, turn_ended), frames_until(on_b, turn_ended)
+        )
+    for frames in (frames_a, frames_b):
+        statuses = [f["turn"]["status"] for f in frames if f["type"] == "turn"]
+        assert "queued" not in statuses and statuses[-1] == "completed"
+    runs = upstream_runs(demo)
+    assert len(runs) == 2
+    (first_started, first_done), (second_started, _) = runs
+    assert second_started < first_done, "the second waited for the first"
 
 
 async def test_two_workers_deciding_one_approval_at_once_make_one_decision(
