@@ -842,7 +842,7 @@ def test_reply_settings_are_saved_and_used(open_chat):
     assert "Reply settings saved" in page.locator(".flash").inner_text()
     assert (
         "Model demo/thorough, at most 4 steps, thinking off"
-        in page.locator(".menu-note").text_content()
+        in page.locator("[data-options-open] + .menu-note").text_content()
     )
     chat.wait_connected()
     chat.send("which model?")
@@ -1046,3 +1046,46 @@ def test_a_running_turn_gone_quiet_makes_the_page_sync_and_see_its_end(chat, dem
     assert chat.assistant_texts() == [tokens(20)]
     assert chat.page.locator(".msg.is-streaming").count() == 0
     assert chat.page.locator(".msg-assistant[data-id]").count() == 1
+
+
+# -- many people, one agent ---------------------------------------------------------------
+
+
+def test_two_people_on_one_agent_each_see_only_their_own_chat(open_chat, chatui_server, demo):
+    demo.config(token_delay=0.03)
+    chatui_server.create_user("ben", LIVE_PASSWORD)
+    ann = open_chat()
+    ben = open_chat(username="ben")
+    ann_id = ann.start(ECHO)
+    ben_id = ben.start(ECHO)
+    assert ann_id != ben_id
+    ann.send("my card PIN is 4242, keep it secret /tokens 40")
+    ann.wait_streamed("t1")
+    ben.send("hello from ben")
+    # Ben's reply finishes while Ann's still streams: nobody waits for the agent.
+    ben.wait_turn("completed")
+    assert ann.last_turn().locator(".turn-footer").get_attribute("data-status") == "running"
+    assert ben.assistant_texts() == ["Echo: hello from ben"]
+    ann.wait_turn("completed")
+    assert "4242" not in ben.page.content()
+    assert ben.page.locator("[data-shared-note]").count() == 0
+    # Ben cannot open Ann's chat, nor its memory.
+    for path in (f"/conversations/{ann_id}/", f"/conversations/{ann_id}/memory/"):
+        assert ben.page.request.get(chatui_server.url + path).status == 404
+    # What the agent remembers, in Ann's chat: her own human block, the shared persona.
+    ann.send('/run core_memory_append {"label": "human", "content": "Keeps a PIN secret"}')
+    ann.wait_turn("completed", turns=2)
+    ann.page.click("[data-menu] summary")
+    ann.page.click("[data-memory-open]")
+    panel = ann.page.locator("dialog[open] [data-memory-panel]")
+    panel.wait_for()
+    own = panel.locator(".memory-block.is-own")
+    assert own.locator("h3").all_inner_texts() == ["human"]
+    assert "Keeps a PIN secret" in own.inner_text()
+    ann.screenshot("memory-panel-desktop-light")
+    ben.page.click("[data-menu] summary")
+    ben.page.click("[data-memory-open]")
+    theirs = ben.page.locator("dialog[open] [data-memory-panel]")
+    theirs.wait_for()
+    assert "Keeps a PIN secret" not in theirs.inner_text()
+    assert ann.errors == [] and ben.errors == []
