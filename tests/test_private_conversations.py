@@ -395,3 +395,52 @@ def test_the_memory_panel_is_only_for_the_owners_agent_chats(client, user, other
     demo.fault("http_status", status=502, path="/v1/agents/")
     failed = client.get(reverse("conversation_memory", args=[mine.pk]), {"panel": "1"})
     assert "cannot show the agent&#x27;s memory right now" in failed.content.decode()
+
+
+# -- a worker that died ----------------------------------------------------------------------
+
+
+async def test_a_dead_workers_direct_turn_is_read_back_from_its_conversation(demo, user):
+    from chatui import workers
+
+    chat = await private_chat(user, demo)
+
+    def start_and_drop() -> str:
+        with httpx.stream(
+            "POST",
+            f"{demo.url}/v1/conversations/{chat.letta_conversation_id}/messages",
+            json={
+                "messages": [{"role": "user", "content": "/tokens 12", "otid": "otid-orphan-1"}],
+                "stream_tokens": True,
+                "include_pings": False,
+            },
+            timeout=10,
+        ) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    return json.loads(line[6:])["run_id"]
+        raise AssertionError("no event")
+
+    run_id = await asyncio.to_thread(start_and_drop)
+
+    def orphan() -> None:
+        turn = Turn.objects.create(
+            conversation=chat,
+            otid="otid-orphan-1",
+            worker="gone-worker",
+            request={"type": "message", "role": "user", "content": "/tokens 12"},
+            run_id=run_id,
+        )
+        Message.objects.create(conversation=chat, turn=turn, kind="user", text="/tokens 12")
+
+    await database_sync_to_async(orphan)()
+    [run] = await workers.take_over(chat.pk)
+    await asyncio.wait_for(run.task, 30)
+    turn = await database_sync_to_async(Turn.objects.get)(conversation=chat)
+    assert (turn.status, turn.stop_reason) == ("completed", "end_turn")
+    assistant = await database_sync_to_async(Message.objects.get)(
+        conversation=chat, kind="assistant"
+    )
+    assert assistant.text == " ".join(f"t{n}" for n in range(1, 13))
+    reads = [r["path"] for r in upstream_requests(demo, "/messages") if r["method"] == "GET"]
+    assert reads and all(chat.letta_conversation_id in path for path in reads)
