@@ -264,6 +264,12 @@ async def test_many_commands_at_once_wait_for_a_connection(redis_config):
     channels = [await layer.new_channel() for _ in range(400)]
     # More at once than redis-py's pool holds (100): they wait, none fails.
     await asyncio.gather(*(layer.group_add(f"g{n}", c) for n, c in enumerate(channels)))
+    # Every channel joined its group: a message to each group reaches its one channel.
+    await asyncio.gather(
+        *(layer.group_send(f"g{n}", {"type": "hello", "n": n}) for n in range(len(channels)))
+    )
+    received = await asyncio.gather(*(layer.receive(c) for c in channels))
+    assert [message["n"] for message in received] == list(range(len(channels)))
     await layer.flush()
 
 
