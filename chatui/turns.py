@@ -99,6 +99,19 @@ no_group_stream: set[str] = set()
 no_token_approvals: set[str] = set()
 approval_agents: dict[str, bool] = {}
 
+
+
+def forget_servers() -> None:
+    """Forget everything learnt about Letta servers (for tests, and a server replaced
+    behind the same address): it is learnt again from the next answers."""
+    from chatui.letta import client
+
+    for learnt in (legacy_approvals, no_background, no_group_stream, no_token_approvals):
+        learnt.clear()
+    approval_agents.clear()
+    client.conversations_support.clear()
+
+
 # Turns running in this process, by conversation id.
 running: dict[int, TurnRun] = {}
 

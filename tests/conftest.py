@@ -172,12 +172,7 @@ def test_settings(settings):
     # What chatui learnt about upstream servers is per process: forget it between tests.
     from chatui import turns
 
-    turns.no_background.clear()
-    turns.legacy_approvals.clear()
-    turns.no_group_stream.clear()
-    from chatui.letta import client
-
-    client.conversations_support.clear()
+    turns.forget_servers()
 
 
 @pytest.fixture
