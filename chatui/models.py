@@ -129,7 +129,9 @@ class Conversation(models.Model):
             raise ApprovalPending(pending)
         images = []
         if attachments:
-            images = list(self.attachments.filter(pk__in=attachments, message=None))
+            found = {i.pk: i for i in self.attachments.filter(pk__in=attachments, message=None)}
+            # In the order the person picked them, not the order they were uploaded in.
+            images = [found[pk] for pk in dict.fromkeys(attachments) if pk in found]
         if len(images) != len(attachments):
             raise AttachmentMissing()
         with transaction.atomic():
@@ -152,7 +154,9 @@ class Conversation(models.Model):
                 payload={"role": "user", "content": text, "otid": otid},
             )
             if images:
-                Attachment.objects.filter(pk__in=[i.pk for i in images]).update(message=message)
+                for position, image in enumerate(images):
+                    image.message, image.position = message, position
+                Attachment.objects.bulk_update(images, ["message", "position"])
             self.updated_at = timezone.now()
             if not self.title:
                 self.title = " ".join(text.split())[:80] or "Images"
@@ -594,10 +598,12 @@ class Attachment(models.Model):
     name = models.CharField(max_length=200, blank=True)
     size = models.PositiveIntegerField()
     data = models.BinaryField()
+    # Where it stands among its message's images: the order the person picked them in.
+    position = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
-        ordering = ["pk"]
+        ordering = ["position", "pk"]
 
     def __str__(self) -> str:
         return self.name or f"{self.media_type} ({self.size} bytes)"

@@ -241,3 +241,32 @@ async def test_questions_are_not_offered_when_switched_off(chat, user_cookie, de
     await receive_until(communicator, turn_ended)
     assert "client_tools" not in last_body(demo)
     await communicator.disconnect()
+
+
+async def test_images_go_upstream_in_the_order_they_were_picked_even_when_retried(
+    chat, user_cookie, demo
+):
+    # Uploads run side by side: the image picked second may be stored first.
+    blue = await database_sync_to_async(attach)(chat, data=PNG + b"blue", name="blue.png")
+    red = await database_sync_to_async(attach)(chat, data=PNG + b"red", name="red.png")
+    demo.fault("http_status", status=500, path="/messages/stream")
+    communicator, _, _ = await connect(chat, cookie=user_cookie)
+    await communicator.send_json_to(
+        {"type": "send", "text": "red, then blue", "attachments": [red.pk, blue.pk]}
+    )
+    failed = await receive_until(communicator, turn_ended)
+    await wait_for_runner(chat)
+    await communicator.send_json_to({"type": "retry", "turn": failed[-1]["turn"]["id"]})
+    frames = await receive_until(communicator, turn_ended)
+    assert frames[-1]["turn"]["status"] == "completed"
+    await wait_for_runner(chat)
+    for request in upstream_requests(demo, "/messages/stream"):
+        images = request["json"]["messages"][0]["content"][1:]
+        sent = [base64.b64decode(part["source"]["data"])[len(PNG) :] for part in images]
+        assert sent == [b"red", b"blue"]
+    user_message = await database_sync_to_async(Message.objects.get)(conversation=chat, kind="user")
+    names = await database_sync_to_async(
+        lambda: list(user_message.attachments.values_list("name", flat=True))
+    )()
+    assert names == ["red.png", "blue.png"]  # and so the page shows them
+    await communicator.disconnect()
