@@ -2,7 +2,9 @@ from __future__ import annotations
 
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.templatetags.static import static
 from django.urls import path
+from django.views.generic import RedirectView
 
 from chatui import console, exports, views
 
@@ -62,4 +64,6 @@ urlpatterns = [
     ),
     path("messages/<int:message_id>/feedback/", views.message_feedback, name="message_feedback"),
     path("admin/", admin.site.urls),
+    # Pages link their icon; this answers clients that ask for the old name anyway.
+    path("favicon.ico", RedirectView.as_view(url=static("chat/icon.svg"), permanent=True)),
 ]

@@ -791,3 +791,10 @@ def test_the_chat_page_shows_feedback_without_a_query_per_message(client, user, 
     many, page = queries_for(long)
     assert many == few
     assert page.count('data-feedback="helpful"') >= 5
+
+
+def test_admin_pages_link_chatuis_icon_and_the_old_name_finds_it(as_superuser, client):
+    page = as_superuser.get(reverse("admin:index")).content.decode()
+    assert '<link rel="icon" href="/static/chat/icon.svg" type="image/svg+xml">' in page
+    response = client.get("/favicon.ico")
+    assert (response.status_code, response["Location"]) == (301, "/static/chat/icon.svg")
