@@ -393,6 +393,7 @@ class ConversationAdmin(RecordAdmin):
         paginator.count = conversation.message_total  # already counted by the annotation
         page = paginator.get_page(request.GET.get("page"))
         page.object_list = list(page.object_list)
+        Message.name_tool_results(page.object_list)
         query = request.GET.copy()
         links = []
         if page.has_other_pages():

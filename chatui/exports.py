@@ -208,7 +208,9 @@ def conversation_markdown(conversation: Conversation) -> str:
         approvals.setdefault(request.message_id, []).append(request)
     turns = {turn.pk: turn for turn in conversation.turns.all()}
     # Consecutive messages of one turn form a section, as on the chat page.
-    for turn_id, messages in groupby(conversation.messages.all(), key=lambda m: m.turn_id):
+    every = list(conversation.messages.all())
+    Message.name_tool_results(every)
+    for turn_id, messages in groupby(every, key=lambda m: m.turn_id):
         lines += ["", "---"]
         for message in messages:
             lines += ["", message_markdown(message, conversation, approvals.get(message.pk, []))]
@@ -244,7 +246,7 @@ def message_markdown(
         return "\n\n".join(parts)
     if kind == Message.Kind.TOOL_RETURN:
         status = f" ({payload['status']})" if payload.get("status") else ""
-        name = inline_code(payload.get("name") or "a tool")
+        name = inline_code(message.tool_name or "a tool")
         return f"**Result of** {name}{status}\n\n" + fenced(pretty(message.tool_return))
     if kind == Message.Kind.APPROVAL_RESPONSE:
         return "*Decision sent to the agent" + (f": {text}*" if text else "*")

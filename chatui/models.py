@@ -556,6 +556,41 @@ class Message(models.Model):
     def tool_return(self) -> Any:
         return self.payload.get("tool_return")
 
+    @cached_property
+    def tool_name(self) -> str:
+        """The tool a result belongs to. Letta leaves `name` empty on the result of a
+        denied or answered call; the request it answered names the tool."""
+        name = self.payload.get("name") or ""
+        call_id = self.payload.get("tool_call_id")
+        if name or self.kind != Message.Kind.TOOL_RETURN or not call_id:
+            return name
+        asked = ApprovalRequest.objects.filter(
+            conversation_id=self.conversation_id, tool_call_id=call_id
+        )
+        return asked.values_list("tool_name", flat=True).first() or ""
+
+    @staticmethod
+    def name_tool_results(messages: list[Message]) -> None:
+        """Look up, in one query, the tools of every result among `messages` whose name
+        Letta left out (see tool_name)."""
+        unnamed = [
+            m
+            for m in messages
+            if m.kind == Message.Kind.TOOL_RETURN
+            and not m.payload.get("name")
+            and m.payload.get("tool_call_id")
+        ]
+        if not unnamed:
+            return
+        names = dict(
+            ApprovalRequest.objects.filter(
+                conversation_id=unnamed[0].conversation_id,
+                tool_call_id__in=[m.payload["tool_call_id"] for m in unnamed],
+            ).values_list("tool_call_id", "tool_name")
+        )
+        for message in unnamed:
+            message.tool_name = names.get(message.payload["tool_call_id"], "")
+
     def as_frame(self) -> dict[str, Any]:
         """The stored message as the browser receives it, rendered by the same template
         as the page."""

@@ -100,7 +100,6 @@ no_token_approvals: set[str] = set()
 approval_agents: dict[str, bool] = {}
 
 
-
 def forget_servers() -> None:
     """Forget everything learnt about Letta servers (for tests, and a server replaced
     behind the same address): it is learnt again from the next answers."""

@@ -75,6 +75,7 @@ def message_page(conversation: Conversation, before: int | None = None) -> tuple
     if before is not None:
         newest_first = newest_first.filter(pk__lt=before)
     page = list(newest_first[: size + 1])
+    Message.name_tool_results(page)
     return page[:size][::-1], len(page) > size
 
 

@@ -1198,3 +1198,24 @@ def test_every_page_has_a_strict_content_security_policy(
         assert policy["frame-ancestors"] == "'none'"
         assert policy["form-action"] == "'self'"
         assert b" style=" not in page.content
+
+
+def test_the_result_of_a_denied_call_names_its_tool(signed_in, user, conversation):
+    message, [request] = waiting_call(conversation, tool="run_cmd")
+    decided(request, user, "deny", reason="no")
+    # Letta 0.16.4 leaves `name` null on the result of a denied or answered call.
+    add_message(
+        message.turn,
+        "tool_return",
+        "Error: request to call tool denied. User reason: no",
+        id="message-tr-1",
+        name=None,
+        status="error",
+        tool_call_id=request.tool_call_id,
+        tool_return="Error: request to call tool denied. User reason: no",
+    )
+    html = signed_in.get(reverse("conversation", args=[conversation.pk])).content.decode()
+    result = html.split("Result of</span>")[1].split("</header>")[0]
+    assert '<code class="tool-name">run_cmd</code>' in result
+    frame = Message.objects.get(letta_id="message-tr-1").as_frame()
+    assert '<code class="tool-name">run_cmd</code>' in frame["html"]
