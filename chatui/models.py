@@ -227,6 +227,15 @@ class Turn(models.Model):
         FAILED = "failed", "Failed"
 
     ACTIVE = (Status.QUEUED, Status.RUNNING)
+    # Stop reasons that tell the person something, in words; the others (end_turn, ...)
+    # are how a reply normally ends, and stay in the footer's tooltip and the admin.
+    REASON_WORDS = {
+        "requires_approval": "Waiting for a decision",
+        "max_steps": "Stopped at the step limit",
+        "max_tokens_exceeded": "Cut off at the length limit",
+        "context_window_overflow_in_system_prompt": "Too long for the model's context",
+        "insufficient_credits": "Out of credits at the model provider",
+    }
     # Failures no retry can mend: the agent or the chat's Letta conversation is gone,
     # or the person may no longer use the agent.
     FINAL_ERRORS = ("agent_gone", "conversation_gone", "forbidden")
@@ -388,6 +397,11 @@ class Turn(models.Model):
         of this turn's stored messages. A resumed stream starts after it."""
         return self.messages.aggregate(models.Max("seq_id"))["seq_id__max"]
 
+    @property
+    def reason_label(self) -> str:
+        """Why the turn stopped, in words, when that tells the person something."""
+        return self.REASON_WORDS.get(self.stop_reason, "")
+
     def as_frame(self) -> dict[str, Any]:
         """The turn's state as the browser sees it."""
         return {
@@ -395,6 +409,7 @@ class Turn(models.Model):
             "status": self.status,
             "status_label": self.get_status_display(),
             "stop_reason": self.stop_reason,
+            "reason_label": self.reason_label,
             "usage": self.usage,
             "error": self.error,
             "error_code": self.error_code,

@@ -312,7 +312,12 @@ def test_it_renders_every_kind_of_message(signed_in, conversation):
     assert '<details class="system">' in html
     assert "Earlier: greetings" in html and "compaction" in html
     assert "Unrecognised message (future_message)" in html
-    assert 'data-status="completed"' in html and "1,234 tokens" in html and "end_turn" in html
+    assert 'data-status="completed"' in html
+    # A normal end says nothing; tokens and the raw reason wait in the time's tooltip.
+    assert '<span class="turn-reason">' not in html and "turn-usage" not in html
+    footer = html.split('class="turn-footer"')[1].split("</footer>")[0]
+    assert 'title="Took ' in footer and "1,234 tokens (total tokens: 1,234)" in footer
+    assert "stop reason: end_turn" in footer
     assert " style=" not in html
     assert not [
         tag
@@ -1219,3 +1224,13 @@ def test_the_result_of_a_denied_call_names_its_tool(signed_in, user, conversatio
     assert '<code class="tool-name">run_cmd</code>' in result
     frame = Message.objects.get(letta_id="message-tr-1").as_frame()
     assert '<code class="tool-name">run_cmd</code>' in frame["html"]
+
+
+def test_a_stop_reason_that_tells_something_is_said_in_words(signed_in, conversation):
+    turn = add_turn(conversation, "please act", stop_reason="max_steps")
+    html = signed_in.get(reverse("conversation", args=[conversation.pk])).content.decode()
+    assert '<span class="turn-reason">Stopped at the step limit</span>' in html
+    assert turn.as_frame()["reason_label"] == "Stopped at the step limit"
+    add_turn(conversation, "more", stop_reason="requires_approval")
+    html = signed_in.get(reverse("conversation", args=[conversation.pk])).content.decode()
+    assert '<span class="turn-reason">Waiting for a decision</span>' in html

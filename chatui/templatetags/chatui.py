@@ -65,6 +65,19 @@ def usage_details(usage: dict | None) -> str:
 
 
 @register.filter
+def turn_details(turn: Any) -> str:
+    """What the footer keeps in its tooltip: time taken, tokens, the raw stop reason."""
+    parts = [f"Took {duration(turn)}"] if duration(turn) else []
+    tokens = token_count(turn.usage)
+    if tokens:
+        details = usage_details(turn.usage)
+        parts.append(f"{tokens} ({details})" if details else tokens)
+    if turn.stop_reason:
+        parts.append(f"stop reason: {turn.stop_reason}")
+    return " · ".join(parts)
+
+
+@register.filter
 def duration(turn: Any) -> str:
     """How long a finished turn took, e.g. '4.2 s' or '1 min 5 s'."""
     if not getattr(turn, "finished_at", None):

@@ -634,27 +634,23 @@
       if (stopping) label = "Stopping…";
       else if (turn.waiting && ACTIVE.has(turn.status)) label = workingLabel();
       parts.push(indicator, element("span", "turn-status", label));
-      if (turn.stop_reason) {
-        const reason = element("span", "turn-reason", turn.stop_reason);
-        reason.title = "Stop reason";
-        parts.push(reason);
-      }
-      const total = turn.usage && turn.usage.total_tokens;
-      if (Number.isInteger(total)) {
-        const usage = element(
-          "span",
-          "turn-usage",
-          `${total.toLocaleString()} token${total === 1 ? "" : "s"}`,
-        );
-        usage.title = Object.entries(turn.usage)
-          .filter(([, value]) => Number.isInteger(value))
-          .map(([key, value]) => `${key.replaceAll("_", " ")}: ${value.toLocaleString()}`)
-          .join(", ");
-        parts.push(usage);
-      }
+      // Only a stop reason that tells the person something, in words (turn.reason_label);
+      // tokens and the raw reason stay in the time's tooltip.
+      if (turn.reason_label) parts.push(element("span", "turn-reason", turn.reason_label));
       if (!ACTIVE.has(turn.status)) {
         const time = element("time", "turn-time");
         time.setAttribute("datetime", new Date().toISOString());
+        const details = [];
+        const total = turn.usage && turn.usage.total_tokens;
+        if (Number.isInteger(total)) {
+          const figures = Object.entries(turn.usage)
+            .filter(([, value]) => Number.isInteger(value))
+            .map(([key, value]) => `${key.replaceAll("_", " ")}: ${value.toLocaleString()}`)
+            .join(", ");
+          details.push(`${total.toLocaleString()} token${total === 1 ? "" : "s"} (${figures})`);
+        }
+        if (turn.stop_reason) details.push(`stop reason: ${turn.stop_reason}`);
+        time.title = details.join(" · ");
         parts.push(time);
       }
       if (turn.error) {
