@@ -652,10 +652,14 @@ def test_approve_and_deny_in_the_chat(open_chat):
     )
     assert chat.page.locator(".msg-user").count() == 1
 
+    waiting = chat.page.locator('.toast[data-cause="approval_pending"]')
+    assert waiting.count() == 1
     form.locator("input[name=reason]").fill("Not during the demo")
     form.locator("button[value=deny]").click()
     record = chat.wait_approval("denied")
     assert "Denied" in record.text_content() and "by ada" in record.text_content()
+    # The error's cause is gone, so is the error (not 8 s later).
+    waiting.wait_for(state="detached", timeout=2000)
     assert "Not during the demo" in record.inner_text()
     chat.wait_turn("completed", turns=2)
     assert chat.assistant_texts() == [
@@ -840,6 +844,8 @@ def test_reply_settings_are_saved_and_used(open_chat):
     dialog.locator("button[type=submit]").click()
     page.wait_for_url(re.compile(r"/conversations/\d+/$"))
     assert "Reply settings saved" in page.locator(".flash").inner_text()
+    # A confirmation does not stay above the header until the next reload.
+    page.locator(".flash p").wait_for(state="detached", timeout=8000)
     assert (
         "Model demo/thorough, at most 4 steps, thinking off"
         in page.locator("[data-options-open] + .menu-note").text_content()

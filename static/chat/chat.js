@@ -517,6 +517,10 @@
         old.replaceWith(node);
         if (card && !card.querySelector("form[data-decide]")) card.classList.remove("is-attention");
       });
+      // "The agent is waiting for a decision" is over once nothing waits any more.
+      if (!transcript.querySelector("form[data-decide]")) {
+        toasts.querySelectorAll('[data-cause="approval_pending"]').forEach((node) => node.remove());
+      }
     }
 
     function pointAt(approvalIds) {
@@ -714,9 +718,11 @@
       announcer.textContent = text;
     }
 
-    function toast(message) {
+    // `cause`: what the toast is about (an error code); it goes when its cause does.
+    function toast(message, cause) {
       const node = element("div", "toast");
       node.setAttribute("role", "alert");
+      if (cause) node.dataset.cause = cause;
       node.append(element("p", "", message));
       const close = element("button", "icon-button");
       close.type = "button";
@@ -740,7 +746,7 @@
           return;
         }
       }
-      toast(frame.message || "Something went wrong.");
+      toast(frame.message || "Something went wrong.", frame.code);
       // A refused send (turn_active, approval_pending, too_large, ...): give the text
       // and images back so nothing is lost. Errors about other actions leave sends alone.
       if (!NOT_ABOUT_SENDING.has(frame.code)) {
@@ -1369,7 +1375,22 @@
     connect();
   }
 
+  // Flash messages from the server: a confirmation goes by itself after a few seconds,
+  // an error stays until dismissed.
+  function setupFlash() {
+    document.querySelectorAll(".flash p").forEach((note) => {
+      const close = element("button", "icon-button flash-close");
+      close.type = "button";
+      close.setAttribute("aria-label", "Dismiss");
+      close.innerHTML = CLOSE_ICON;
+      close.addEventListener("click", () => note.remove());
+      note.append(close);
+      if (!note.classList.contains("flash-error")) window.setTimeout(() => note.remove(), 5000);
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
+    setupFlash();
     setupDrawer();
     setupConfirms();
     ApprovalsFeed();
