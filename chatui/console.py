@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from asgiref.sync import sync_to_async
+from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -110,6 +111,51 @@ async def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
     await sync_to_async(messages.success)(
         request, f"{approval.tool_name}: {approval.get_state_display().lower()}."
     )
+    return redirect_back(request)
+
+
+class DecideAllForm(forms.Form):
+    """One decision, with one reason, for every call of a request that still waits."""
+
+    decision = forms.ChoiceField(choices=[("approve", "Approve all"), ("deny", "Deny all")])
+    reason = forms.CharField(max_length=2000, required=False, strip=True)
+
+
+@require_POST
+async def decide_all(request: HttpRequest, message_id: int) -> HttpResponse:
+    """Approve or deny every waiting call of one approval request at once (the chat
+    without JavaScript; with it, the page sends one decision per call over its socket)."""
+    user = await request.auser()
+    if not user.is_authenticated:
+        return HttpResponseRedirect(f"{reverse('login')}?next={request.path}")
+    waiting = await sync_to_async(list)(
+        ApprovalRequest.objects.select_related("conversation", "decided_by")
+        .filter(
+            message_id=message_id,
+            state=ApprovalRequest.State.PENDING,
+            kind=ApprovalRequest.Kind.APPROVAL,
+        )
+        .order_by("pk")
+    )
+    for approval in waiting:
+        if not await sync_to_async(approval.may_be_decided_by)(user):
+            raise PermissionDenied("You may not decide these requests.")
+    form = DecideAllForm(request.POST)
+    if not waiting or not await sync_to_async(form.is_valid)():
+        await sync_to_async(messages.warning)(request, "Nothing waits for that decision.")
+        return redirect_back(request)
+    decided = 0
+    for approval in waiting:
+        try:
+            turn = await sync_to_async(approval.decide)(
+                user, form.cleaned_data["decision"], reason=form.cleaned_data["reason"]
+            )
+        except (AlreadyDecided, TurnActive):
+            continue  # someone else was quicker with this one
+        decided += 1
+        await turns.publish_decision(approval, turn)
+    verb = "approved" if form.cleaned_data["decision"] == "approve" else "denied"
+    await sync_to_async(messages.success)(request, f"{decided} calls {verb}.")
     return redirect_back(request)
 
 

@@ -53,6 +53,11 @@ urlpatterns = [
     path("approvals/history/", console.history, name="approval_history"),
     path("approvals/<int:approval_id>/decide/", console.decide, name="approval_decide"),
     path(
+        "approvals/all/<int:message_id>/decide/",
+        console.decide_all,
+        name="approval_decide_all",
+    ),
+    path(
         "conversations/<int:conversation_id>/export.json",
         exports.export_json,
         name="export_json",

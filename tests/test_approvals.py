@@ -355,3 +355,55 @@ def test_stale_requests_expire_as_denials_with_the_reason_expired(chat, settings
     ]
     settings.APPROVAL_EXPIRE_AFTER = 0
     assert ApprovalRequest.expire_stale() == []
+
+
+async def test_deny_all_decides_every_waiting_call_with_one_reason(chat, user, user_cookie, demo):
+    from django.test import AsyncClient
+    from django.urls import reverse
+
+    communicator, _, _ = await connect(chat, cookie=user_cookie)
+    frames = await ask_for_approval(communicator, "/parallel 3 " + TOOL)
+    requests = await pending_requests(chat)
+    assert len(requests) == 3
+    [shown] = [
+        f["message"]["html"]
+        for f in frames
+        if f["type"] == "message" and f["message"]["kind"] == "approval_request"
+    ]
+    assert "Approve all 3" in shown and "Deny all 3" in shown
+    browser = AsyncClient()
+    await browser.aforce_login(user)
+    url = reverse("approval_decide_all", args=[requests[0].message_id])
+    response = await browser.post(url, {"decision": "deny", "reason": "Not now"})
+    assert response.status_code == 302
+    frames = await receive_until(communicator, turn_ended)
+    await wait_for_runner(chat)
+    assert frames[-1]["turn"]["status"] == "completed"
+    decided = await pending_requests(chat)
+    assert {(r.state, r.reason, r.decided_by_id) for r in decided} == {
+        ("denied", "Not now", user.pk)
+    }
+    body = upstream_bodies(demo)[-1]["messages"][0]
+    assert [(a["tool_call_id"], a["approve"], a["reason"]) for a in body["approvals"]] == [
+        (r.tool_call_id, False, "Not now") for r in decided
+    ]
+    # Nothing left to decide: a second post changes nothing.
+    again = await browser.post(url, {"decision": "approve"})
+    assert again.status_code == 302
+    assert {r.state for r in await pending_requests(chat)} == {"denied"}
+    await communicator.disconnect()
+
+
+async def test_decide_all_refuses_someone_who_may_not_decide(chat, user_cookie, other_user):
+    from django.test import AsyncClient
+    from django.urls import reverse
+
+    communicator, _, _ = await connect(chat, cookie=user_cookie)
+    await ask_for_approval(communicator, "/parallel 2 " + TOOL)
+    requests = await pending_requests(chat)
+    browser = AsyncClient()
+    await browser.aforce_login(other_user)
+    url = reverse("approval_decide_all", args=[requests[0].message_id])
+    assert (await browser.post(url, {"decision": "approve"})).status_code == 403
+    assert {r.state for r in await pending_requests(chat)} == {"pending"}
+    await communicator.disconnect()

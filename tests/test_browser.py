@@ -1095,3 +1095,19 @@ def test_two_people_on_one_agent_each_see_only_their_own_chat(open_chat, chatui_
     theirs.wait_for()
     assert "Keeps a PIN secret" not in theirs.inner_text()
     assert ann.errors == [] and ben.errors == []
+
+
+def test_approve_all_decides_every_parallel_call_at_once(open_chat):
+    chat = open_chat()
+    ask_approval(chat, ECHO, f"/parallel 3 {RESTART}")
+    all_form = chat.page.locator("form[data-decide-all]")
+    all_form.wait_for()
+    assert chat.page.locator("form[data-decide]").count() == 3
+    all_form.locator("input[name=reason]").fill("Go ahead")
+    chat.screenshot("approve-all-desktop-light")
+    all_form.locator("button[value=approve]").click()
+    chat.wait_turn("completed", turns=2)
+    assert chat.page.locator("[data-approval][data-state=approved]").count() == 3
+    assert chat.page.locator("form[data-decide-all]").count() == 0
+    assert chat.page.locator("form[data-decide]").count() == 0
+    assert chat.errors == []

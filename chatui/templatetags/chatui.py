@@ -134,6 +134,12 @@ def approvals_of(message: Any) -> list[Any]:
 
 
 @register.filter
+def pending_approvals(approvals: list[Any]) -> list[Any]:
+    """The approvals (not questions) among these requests that still wait."""
+    return [a for a in approvals if a.is_pending and a.kind == "approval"]
+
+
+@register.filter
 def question_ids(approvals: list[Any]) -> set[str]:
     """The tool call ids among these requests that are questions for the person."""
     return {approval.tool_call_id for approval in approvals if approval.kind == "question"}

@@ -517,6 +517,13 @@
         old.replaceWith(node);
         if (card && !card.querySelector("form[data-decide]")) card.classList.remove("is-attention");
       });
+      // "All N at once" only while more than one call still waits for an approval.
+      transcript.querySelectorAll("form[data-decide-all]").forEach((all) => {
+        const slot = all.closest(".approval-slot");
+        if (slot.querySelectorAll('[data-kind="approval"] form[data-decide]').length < 2) {
+          all.remove();
+        }
+      });
       // "The agent is waiting for a decision" is over once nothing waits any more.
       if (!transcript.querySelector("form[data-decide]")) {
         toasts.querySelectorAll('[data-cause="approval_pending"]').forEach((node) => node.remove());
@@ -1147,6 +1154,26 @@
       form.classList.add("is-deciding");
     }
 
+    // One decision, with one reason, for every call of a request that still waits: a
+    // decide frame per call; the last one sends them all upstream together.
+    function decideAll(form, submitter) {
+      const decision = submitter && submitter.name === "decision" ? submitter.value : "";
+      if (!decision) return;
+      const reason = form.querySelector("[name=reason]").value.trim();
+      const slot = form.closest(".approval-slot");
+      const forms = [...slot.querySelectorAll('[data-kind="approval"] form[data-decide]')];
+      for (const each of forms) {
+        const frame = { type: "decide", approval: Number(each.dataset.decide), decision };
+        if (reason) frame.reason = reason;
+        if (!transmit(frame)) {
+          toast("Not connected. Decide again once the connection is back.");
+          return;
+        }
+        each.classList.add("is-deciding");
+      }
+      form.classList.add("is-deciding");
+    }
+
     // -- feedback on the agent's answers
 
     async function giveFeedback(form, rating) {
@@ -1190,6 +1217,9 @@
       if (form.matches("form[data-decide]")) {
         event.preventDefault();
         decide(form, event.submitter);
+      } else if (form.matches("form[data-decide-all]")) {
+        event.preventDefault();
+        decideAll(form, event.submitter);
       } else if (form.matches("form[data-feedback]")) {
         event.preventDefault();
         const rating = event.submitter && event.submitter.value;
