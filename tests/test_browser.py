@@ -334,6 +334,13 @@ def test_stop_keeps_the_partial_reply_and_offers_retry(chat, demo):
     assert partial.startswith("t1 t2 t3 t4") and "t400" not in partial
     assert chat.page.locator("[data-send]").is_visible()
     chat.screenshot("stopped-desktop-light")
+    # Letta sends one last piece after the cancel, and chatui stores the message again
+    # before the turn's last frame: the page shows what is stored.
+    (live,) = chat.assistant_texts()
+    chat.page.reload()
+    chat.wait_connected()
+    (stored,) = chat.assistant_texts()
+    assert live == stored
 
     demo.config(token_delay=0.0)
     retry.click()

@@ -461,10 +461,16 @@
     // -- frames
 
     function onMessage(message) {
-      if (transcript.querySelector(`.msg[data-id="${attr(message.id)}"]`)) return;
       const node = parseHTML(message.html).firstElementChild;
       if (!node) return;
       localTimes(node);
+      const shown = transcript.querySelector(`.msg[data-id="${attr(message.id)}"]`);
+      if (shown) {
+        // A stored message brought up to date (after a Stop, Letta may send one last
+        // piece): show what is stored now, as a reload would.
+        if (shown.outerHTML !== node.outerHTML) shown.replaceWith(node);
+        return;
+      }
       const waiting = node.dataset.otid && pending.get(node.dataset.otid);
       if (waiting) {
         waiting.el.remove();
