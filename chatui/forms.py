@@ -24,7 +24,7 @@ from chatui.models import Conversation, MissingBlocks, Target, TargetKind
 
 
 async def fetch_agent(agent_id: str) -> Agent:
-    async with LettaClient.from_settings() as client:
+    async with LettaClient.from_settings(for_page=True) as client:
         return await client.get_agent(agent_id)
 
 
@@ -32,7 +32,7 @@ async def open_conversation(
     agent_id: str, summary: str, isolated_block_labels: list[str]
 ) -> LettaConversation | None:
     """A Letta conversation of its own on the agent; None from a server without them."""
-    async with LettaClient.from_settings() as client:
+    async with LettaClient.from_settings(for_page=True) as client:
         try:
             return await client.create_conversation(
                 agent_id, summary=summary, isolated_block_labels=isolated_block_labels
@@ -42,13 +42,13 @@ async def open_conversation(
 
 
 async def close_conversation(conversation_id: str) -> None:
-    async with LettaClient.from_settings() as client:
+    async with LettaClient.from_settings(for_page=True) as client:
         await client.delete_conversation(conversation_id)
 
 
 async def fetch_group(group_id: str) -> tuple[Group, list[Agent]]:
     """A group and its member agents, in the group's order."""
-    async with LettaClient.from_settings() as client:
+    async with LettaClient.from_settings(for_page=True) as client:
         group = await client.get_group(group_id)
         return group, [await client.get_agent(agent_id) for agent_id in group.agent_ids]
 
@@ -338,7 +338,7 @@ class ConversationOptionsForm(forms.Form):
 
 async def fetch_choices() -> list[tuple[str, str]]:
     """Every agent and group on the Letta server, as (id, "Name (kind)") choices."""
-    async with LettaClient.from_settings() as client:
+    async with LettaClient.from_settings(for_page=True) as client:
         agents = await client.list_agents()
         try:
             groups = await client.list_groups()

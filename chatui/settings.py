@@ -228,9 +228,13 @@ DEMO_UPSTREAM = not LETTA_BASE_URL
 if DEMO_UPSTREAM:
     LETTA_BASE_URL = f"http://127.0.0.1:{DEMO_UPSTREAM_PORT}"
 LETTA_API_KEY = os.environ.get("LETTA_API_KEY", "")
-# Seconds: connecting, and the longest silence tolerated between two stream events.
+# Seconds: connecting; the longest silence tolerated between two stream events; how
+# long a stream may send nothing at all (its headers and first event) before it fails;
+# and how long a call made while a page waits (agent lists, models, checks) may take.
 LETTA_CONNECT_TIMEOUT = env_float("LETTA_CONNECT_TIMEOUT", 5.0)
 LETTA_READ_TIMEOUT = env_float("LETTA_READ_TIMEOUT", 120.0)
+LETTA_FIRST_EVENT_TIMEOUT = env_float("LETTA_FIRST_EVENT_TIMEOUT", 60.0)
+LETTA_PAGE_TIMEOUT = env_float("LETTA_PAGE_TIMEOUT", 5.0)
 
 LOGGING = {
     "version": 1,

@@ -906,7 +906,13 @@ async def announce_approvals(request_ids: list[int], action: str = "added") -> N
 def describe(error: LettaError) -> tuple[str, str]:
     """A readable sentence for an upstream failure, and a short code."""
     if isinstance(error, LettaTimeout):
-        return "timeout", "The agent took too long to answer."
+        if error.first_event:
+            return "timeout", (
+                "The agent took too long to start answering (Letta sent nothing for "
+                f"{settings.LETTA_FIRST_EVENT_TIMEOUT:g} s). Retry, or check that Letta is "
+                "running."
+            )
+        return "timeout", "The agent took too long to answer (Letta went quiet)."
     if isinstance(error, LettaHTTPError):
         if error.status == 404:
             return "not_found", f"The agent was not found upstream: {error.detail}"

@@ -91,7 +91,7 @@ def owner_feedback(conversation: Conversation) -> Prefetch:
 
 async def fetch_targets() -> tuple[list[Agent], list[Group], bool | None]:
     """The server's agents and groups, and whether it has conversations (None: unknown)."""
-    async with LettaClient.from_settings() as client:
+    async with LettaClient.from_settings(for_page=True) as client:
         agents = await client.list_agents()
         try:
             groups = await client.list_groups()
@@ -255,7 +255,7 @@ def delete_conversation(request: HttpRequest, conversation_id: int) -> HttpRespo
 
 
 async def fetch_memory(conversation: Conversation) -> list[tuple[Any, bool]]:
-    async with LettaClient.from_settings() as client:
+    async with LettaClient.from_settings(for_page=True) as client:
         return await client.memory(
             Thread(conversation.target_id, conversation.letta_conversation_id)
         )
@@ -285,7 +285,7 @@ def conversation_memory(request: HttpRequest, conversation_id: int) -> HttpRespo
 
 
 async def fetch_models() -> list[str]:
-    async with LettaClient.from_settings() as client:
+    async with LettaClient.from_settings(for_page=True) as client:
         return [model.handle for model in await client.list_models() if model.handle]
 
 

@@ -564,3 +564,27 @@ async def test_stop_with_nothing_running_says_so(chat, user_cookie):
     await communicator.send_json_to({"type": "stop"})
     assert (await communicator.receive_json_from())["code"] == "not_running"
     await communicator.disconnect()
+
+
+async def test_a_stream_that_sends_nothing_fails_sooner_than_one_gone_quiet(
+    chat, user_cookie, demo, settings
+):
+    settings.LETTA_FIRST_EVENT_TIMEOUT = 0.5
+    settings.LETTA_READ_TIMEOUT = 5
+    turns.no_background.add(demo.url)
+    demo.fault(mode="stall", seconds=4, path="/messages/stream")  # before any answer
+    communicator, _, _ = await connect(chat, cookie=user_cookie)
+    started = time.monotonic()
+    await send(communicator, "/tokens 10")
+    frames = await receive_until(communicator, turn_ended)
+    assert time.monotonic() - started < 3
+    turn = frames[-1]["turn"]
+    assert (turn["status"], turn["error_code"], turn["retryable"]) == ("failed", "timeout", True)
+    assert "took too long to start answering" in turn["error"]
+    await wait_for_runner(chat)
+    # Quiet for longer than the first-event limit in the middle of an answer: that is fine.
+    demo.fault(mode="stall", seconds=1, after=3, path="/messages/stream")
+    await communicator.send_json_to({"type": "retry", "turn": turn["id"]})
+    frames = await receive_until(communicator, turn_ended)
+    assert frames[-1]["turn"]["status"] == "completed"
+    await communicator.disconnect()

@@ -1234,3 +1234,16 @@ def test_a_stop_reason_that_tells_something_is_said_in_words(signed_in, conversa
     add_turn(conversation, "more", stop_reason="requires_approval")
     html = signed_in.get(reverse("conversation", args=[conversation.pk])).content.decode()
     assert '<span class="turn-reason">Waiting for a decision</span>' in html
+
+
+def test_a_letta_that_never_answers_does_not_hold_the_new_chat_page(signed_in, demo, settings):
+    import time
+
+    settings.LETTA_PAGE_TIMEOUT = 0.5
+    demo.fault("stall", seconds=5, path="/v1/agents/", method="GET")
+    started = time.monotonic()
+    page = signed_in.get(reverse("new_conversation"))
+    assert time.monotonic() - started < 3  # not LETTA_READ_TIMEOUT (120 s)
+    html = page.content.decode()
+    assert page.status_code == 200 and "The agent server is not answering" in html
+    assert "did not answer GET /v1/agents/ within 0.5 s" in html

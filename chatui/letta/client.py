@@ -76,7 +76,12 @@ class LettaHTTPError(LettaError):
 
 
 class LettaTimeout(LettaError):
-    """Letta did not connect or went silent for longer than the timeout."""
+    """Letta did not connect or went silent for longer than the timeout; `first_event`:
+    a stream that sent nothing at all."""
+
+    def __init__(self, detail: str, *, first_event: bool = False) -> None:
+        super().__init__(detail)
+        self.first_event = first_event
 
 
 class LettaConnectionError(LettaError):
@@ -210,9 +215,16 @@ class LettaStream:
     async def _open(self) -> None:
         if self._response is not None:
             return
-        response = await self._client._send(
-            "POST", self._path, json=self._body, stream=True, accept="text/event-stream"
-        )
+        # Until the first event, the clock is the first-event timeout: a server that
+        # accepts the connection and says nothing fails sooner than one gone quiet midway.
+        self._first_deadline = time.monotonic() + self._client.first_event_timeout
+        try:
+            async with asyncio.timeout_at(self._loop_deadline()):
+                response = await self._client._send(
+                    "POST", self._path, json=self._body, stream=True, accept="text/event-stream"
+                )
+        except TimeoutError:
+            raise self._silent() from None
         content_type = response.headers.get("content-type", "")
         if "text/event-stream" not in content_type:
             body = await self._client._read_then_close(response)
@@ -225,24 +237,47 @@ class LettaStream:
         self._response = response
         self._events = self._iterate(response)
 
+    def _loop_deadline(self) -> float:
+        """The first-event deadline on the event loop's clock."""
+        loop = asyncio.get_running_loop()
+        return loop.time() + max(0.0, self._first_deadline - time.monotonic())
+
+    def _silent(self) -> LettaTimeout:
+        return LettaTimeout(
+            f"Letta sent nothing for {self._client.first_event_timeout:g} s after "
+            f"{self._path} was asked",
+            first_event=True,
+        )
+
     async def _iterate(self, response: httpx.Response) -> AsyncGenerator[LettaMessage, None]:
+        events = EventSource(response).aiter_sse()
         try:
-            async for sse in EventSource(response).aiter_sse():
+            try:
+                async with asyncio.timeout_at(self._loop_deadline()):
+                    sse = await anext(events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise self._silent() from None
+            while True:
                 name = "" if sse.event == "message" else sse.event  # httpx-sse's default
                 data = sse.data.strip()
-                if not data:
-                    continue
                 if data == "[DONE]":
                     self.done = True
                     return
-                event = self._event(name, data)
-                if self.run_id is None and event.run_id:
-                    self.run_id = event.run_id
-                if event.seq_id is not None and (
-                    self.last_seq_id is None or event.seq_id > self.last_seq_id
-                ):
-                    self.last_seq_id = event.seq_id
-                yield event
+                if data:
+                    event = self._event(name, data)
+                    if self.run_id is None and event.run_id:
+                        self.run_id = event.run_id
+                    if event.seq_id is not None and (
+                        self.last_seq_id is None or event.seq_id > self.last_seq_id
+                    ):
+                        self.last_seq_id = event.seq_id
+                    yield event
+                try:
+                    sse = await anext(events)
+                except StopAsyncIteration:
+                    return
         except httpx.TimeoutException as exc:
             raise LettaTimeout(
                 f"Letta sent nothing for {self._client.read_timeout:g} s on {self._path}"
@@ -341,12 +376,15 @@ class LettaClient:
         *,
         connect_timeout: float = 5.0,
         read_timeout: float = 120.0,
+        first_event_timeout: float | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         shared: bool = False,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        # A stream that sends nothing at all gives up sooner than one gone quiet midway.
+        self.first_event_timeout = min(first_event_timeout or read_timeout, read_timeout)
         self._api_key = api_key
         timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
         self._shared = shared and transport is None
@@ -356,15 +394,21 @@ class LettaClient:
             self._http = http_client(self.base_url, api_key, timeout, transport=transport)
 
     @classmethod
-    def from_settings(cls, **kwargs: Any) -> LettaClient:
-        """A client configured from Django settings (LETTA_BASE_URL and friends)."""
+    def from_settings(cls, *, for_page: bool = False, **kwargs: Any) -> LettaClient:
+        """A client configured from Django settings (LETTA_BASE_URL and friends).
+
+        `for_page`: for calls a page waits on, which give up after LETTA_PAGE_TIMEOUT
+        so the page still renders (and says why) when Letta does not answer.
+        """
         from django.conf import settings
 
+        read = settings.LETTA_PAGE_TIMEOUT if for_page else settings.LETTA_READ_TIMEOUT
         return cls(
             settings.LETTA_BASE_URL,
             settings.LETTA_API_KEY,
-            connect_timeout=settings.LETTA_CONNECT_TIMEOUT,
-            read_timeout=settings.LETTA_READ_TIMEOUT,
+            connect_timeout=min(settings.LETTA_CONNECT_TIMEOUT, read),
+            read_timeout=read,
+            first_event_timeout=settings.LETTA_FIRST_EVENT_TIMEOUT,
             **kwargs,
         )
 
@@ -714,7 +758,8 @@ class LettaClient:
                 f"could not connect to Letta at {self.base_url} within {self.connect_timeout:g} s"
             ) from exc
         except httpx.TimeoutException as exc:
-            raise LettaTimeout(f"Letta did not answer {method} {path} in time") from exc
+            waited = timeout.read if timeout is not None else self.read_timeout
+            raise LettaTimeout(f"Letta did not answer {method} {path} within {waited:g} s") from exc
         except httpx.TransportError as exc:
             raise LettaConnectionError(
                 self._redact(f"cannot reach Letta at {self.base_url} ({type(exc).__name__}: {exc})")
