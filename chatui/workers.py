@@ -28,10 +28,13 @@ from chatui.models import ApprovalRequest, Turn, Worker
 log = logging.getLogger(__name__)
 
 
+HOST = socket.gethostname()
+
+
 def worker_name() -> str:
-    """Set CHATUI_WORKER_NAME per process to have a restarted worker resume its own
-    turns at once; by default every process gets a new name."""
-    return settings.WORKER_NAME or f"{socket.gethostname()}-{os.getpid()}"
+    """CHATUI_WORKER_NAME, or `<host>-<pid>`: then a process started on the same host
+    knows a predecessor whose pid is gone is dead (see gone_from_this_host)."""
+    return settings.WORKER_NAME or f"{HOST}-{os.getpid()}"
 
 
 NAME = worker_name()
@@ -45,6 +48,21 @@ unclaimed_since: dict[int, float] = {}
 def alive_workers() -> set[str]:
     recent = timezone.now() - timedelta(seconds=settings.WORKER_TIMEOUT)
     return set(Worker.objects.filter(last_seen__gte=recent).values_list("name", flat=True))
+
+
+def gone_from_this_host(name: str) -> bool:
+    """Whether `name` is a default-named worker of this host whose process no longer
+    runs (killed, crashed): its turns need not wait for its heartbeat to grow old."""
+    host, _, pid = name.rpartition("-")
+    if host != HOST or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # someone's process (a reused pid): trust the heartbeat
+    return False
 
 
 def is_orphaned(turn: Turn, alive: set[str] | None = None) -> bool:
@@ -63,6 +81,8 @@ def is_orphaned(turn: Turn, alive: set[str] | None = None) -> bool:
             return True  # an earlier process of this name started it, then died
         first_seen = unclaimed_since.setdefault(turn.pk, time.monotonic())
         return time.monotonic() - first_seen >= settings.WORKER_HEARTBEAT
+    if gone_from_this_host(turn.worker):
+        return True
     return turn.worker not in (alive if alive is not None else alive_workers())
 
 
@@ -72,7 +92,7 @@ def claim(turn: Turn) -> bool:
         worker=NAME
     )
     if claimed:
-        turn.worker = NAME
+        turn.taken_from, turn.worker = turn.worker, NAME
     return bool(claimed)
 
 
@@ -95,7 +115,7 @@ async def take_over(conversation_id: int | None = None) -> list[Any]:
 
     adopted = []
     for turn in await database_sync_to_async(orphans)(conversation_id):
-        log.info("worker %s takes over turn %s (was %s)", NAME, turn.pk, turn.worker)
+        log.info("worker %s takes over turn %s (was %s)", NAME, turn.pk, turn.taken_from)
         run = turns.TurnRun(turn, turn.conversation, taking_over=True)
         run.start()
         adopted.append(run)

@@ -308,9 +308,21 @@ async def frames_until(socket, predicate, timeout=30):
 
 
 @pytest.mark.timeout(180)
-async def test_a_killed_worker_finishes_the_reply_when_it_starts_again(make_chatui_server, demo):
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CHATUI_WORKER_NAME": "worker-a", "WORKER_HEARTBEAT": "1"},
+        # The default name (<host>-<pid>) changes with the restart: the new process sees
+        # the old pid is gone and does not wait out the old heartbeat (WORKER_TIMEOUT).
+        {"WORKER_HEARTBEAT": "1", "WORKER_TIMEOUT": "600", "LOG_LEVEL": "INFO"},
+    ],
+    ids=["named", "default-name"],
+)
+async def test_a_killed_worker_finishes_the_reply_when_it_starts_again(
+    make_chatui_server, demo, env
+):
     demo.config(token_delay=0.02)
-    server = make_chatui_server(env={"CHATUI_WORKER_NAME": "worker-a", "WORKER_HEARTBEAT": "1"})
+    server = make_chatui_server(env=env)
     cookie = await asyncio.to_thread(log_in, server)
     conversation = await asyncio.to_thread(new_conversation, server, cookie)
     address = f"ws://127.0.0.1:{server.port}/ws/conversations/{conversation}/"
@@ -326,6 +338,14 @@ async def test_a_killed_worker_finishes_the_reply_when_it_starts_again(make_chat
         await socket.send(json.dumps({"type": "sync", "after": 0}))
         frames = await frames_until(socket, turn_ended, timeout=60)
     assert frames[-1]["turn"]["status"] == "completed"
+    if "CHATUI_WORKER_NAME" not in env:
+        taken = [line for line in server.log_tail(200).splitlines() if "takes over turn" in line]
+        assert taken, server.log_tail(60)
+        [(new, old)] = {
+            re.search(r"worker (\S+) takes over turn \d+ \(was (\S+)\)", line).groups()
+            for line in taken
+        }
+        assert new != old  # the log names the dead worker, not the new one
     async with websockets.connect(address, additional_headers=headers) as socket:
         await socket.send(json.dumps({"type": "sync", "after": 0}))
         frames = await frames_until(socket, lambda f: f["type"] == "synced")
