@@ -280,9 +280,11 @@ class ConversationAdmin(RecordAdmin):
     ]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
+        # A chat opened and never used holds nothing to review.
         return (
             super()
             .get_queryset(request)
+            .said_something()
             .select_related("owner")
             .annotate(
                 message_total=message_count(),

@@ -75,6 +75,7 @@ class NewConversationForm(forms.Form):
         self.target: Agent | Group | None = None
         self.members: list[Agent] = []
         self.letta_conversation: LettaConversation | None = None
+        self.unused: Conversation | None = None
 
     @property
     def kind(self) -> str:
@@ -106,6 +107,18 @@ class NewConversationForm(forms.Form):
                 code="forbidden",
                 params={"kind": self.kind},
             )
+        if self.user is not None:
+            # A chat opened and never used is opened again, not made anew: unused chats
+            # (and their Letta conversations) do not pile up.
+            self.unused = (
+                Conversation.objects.unused()
+                .filter(owner=self.user, target_kind=self.kind, target_id=target_id)
+                .exclude(target_kind=TargetKind.AGENT, letta_conversation_id="")
+                .order_by("-pk")
+                .first()
+            )
+            if self.unused is not None:
+                return cleaned
         # Checked upstream, so a conversation never points at a target that is not there.
         try:
             if self.kind == TargetKind.GROUP:
@@ -155,6 +168,8 @@ class NewConversationForm(forms.Form):
     def save(self, owner) -> Conversation:
         """Store the conversation; a Letta conversation made for it is deleted again if
         that fails, so nothing is left behind."""
+        if self.unused is not None:
+            return self.unused
         try:
             return self.store(owner)
         except Exception:

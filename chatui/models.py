@@ -27,6 +27,16 @@ class TargetKind(models.TextChoices):
     GROUP = "group", "Group"
 
 
+class ConversationQuerySet(models.QuerySet):
+    def said_something(self) -> ConversationQuerySet:
+        """Conversations with at least one turn: a chat opened and never used is not
+        listed (nor reviewed)."""
+        return self.filter(models.Exists(Turn.objects.filter(conversation=models.OuterRef("pk"))))
+
+    def unused(self) -> ConversationQuerySet:
+        return self.exclude(models.Exists(Turn.objects.filter(conversation=models.OuterRef("pk"))))
+
+
 class Conversation(models.Model):
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="conversations"
@@ -47,6 +57,8 @@ class Conversation(models.Model):
     # Blank: the agent's single thread, shared by everyone who talks to the agent that
     # way (servers without conversations, groups, and chats made before chatui had them).
     letta_conversation_id = models.CharField(max_length=64, blank=True)
+
+    objects = ConversationQuerySet.as_manager()
 
     class Meta:
         indexes = [

@@ -157,7 +157,7 @@ def member_colours(conversation: Conversation) -> list[dict[str, Any]]:
 
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    latest = request.user.conversations.only("id").first()
+    latest = request.user.conversations.said_something().only("id").first()
     if latest is None:
         return redirect("new_conversation")
     return redirect("conversation", latest.pk)

@@ -798,3 +798,9 @@ def test_admin_pages_link_chatuis_icon_and_the_old_name_finds_it(as_superuser, c
     assert '<link rel="icon" href="/static/chat/icon.svg" type="image/svg+xml">' in page
     response = client.get("/favicon.ico")
     assert (response.status_code, response["Location"]) == (301, "/static/chat/icon.svg")
+
+
+def test_chats_never_used_are_not_listed_for_review(as_superuser, user, garden):
+    Conversation.objects.create(owner=user, target_id=garden.target_id, target_name="Unused")
+    listing = as_superuser.get(reverse("admin:chatui_conversation_changelist")).content.decode()
+    assert str(garden) in listing and "Chat with Unused" not in listing

@@ -93,6 +93,7 @@ def test_the_admin_chooses_which_blocks_each_conversation_copies(client, user, d
     [create] = [r for r in upstream_requests(demo, "/v1/conversations") if r["method"] == "POST"]
     assert create["json"]["isolated_block_labels"] == ["human", "persona"]
     Target.objects.filter(letta_id=ECHO).update(isolated_blocks="")
+    Conversation.objects.get(owner=user).start_turn("used")  # else /new/ opens it again
     client.post(reverse("new_conversation"), {"target_id": ECHO})
     last = [r for r in upstream_requests(demo, "/v1/conversations") if r["method"] == "POST"][-1]
     assert "isolated_block_labels" not in last["json"]  # nothing isolated: all shared

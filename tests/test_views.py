@@ -158,11 +158,32 @@ def test_the_sidebar_lists_only_my_conversations_newest_first(
     newer = Conversation.objects.create(
         owner=user, target_id=SAGE.id, target_name=SAGE.name, title="Newer one"
     )
+    add_turn(newer, "hello")
+    unused = Conversation.objects.create(
+        owner=user, target_id=SAGE.id, target_name=SAGE.name, title="Never used"
+    )
     html = signed_in.get(reverse("conversation", args=[conversation.pk])).content.decode()
     sidebar = html.split('class="conversation-list"')[1].split("</nav>")[0]
     assert sidebar.index("Newer one") < sidebar.index("Garden plans")
     assert "Grace&#x27;s secret" not in html and "Grace's secret" not in html
     assert f'href="{reverse("conversation", args=[newer.pk])}"' in sidebar
+    # A chat opened and never used is not listed, except while it is the one open.
+    assert "Never used" not in sidebar
+    html = signed_in.get(reverse("conversation", args=[unused.pk])).content.decode()
+    assert "Never used" in html.split('class="conversation-list"')[1].split("</nav>")[0]
+
+
+def test_opening_the_same_agent_again_reuses_the_unused_chat(signed_in, user, demo):
+    first = signed_in.post(reverse("new_conversation"), {"target_id": SAGE.id})
+    second = signed_in.post(reverse("new_conversation"), {"target_id": SAGE.id})
+    assert first["Location"] == second["Location"]
+    assert Conversation.objects.filter(owner=user).count() == 1
+    creates = [r for r in demo.requests() if r["method"] == "POST"]
+    assert len(creates) == 1  # one Letta conversation, not one per click
+    add_turn(Conversation.objects.get(owner=user), "now it is used")
+    third = signed_in.post(reverse("new_conversation"), {"target_id": SAGE.id})
+    assert third["Location"] != first["Location"]
+    assert Conversation.objects.filter(owner=user).count() == 2
 
 
 @pytest.mark.parametrize("demo_upstream", [True, False])
@@ -178,6 +199,8 @@ def test_the_demo_upstream_is_labelled(signed_in, conversation, settings, demo_u
 
 def test_home_goes_to_the_newest_conversation(signed_in, user, conversation):
     newest = Conversation.objects.create(owner=user, target_id=SAGE.id, target_name=SAGE.name)
+    add_turn(newest, "hello")
+    Conversation.objects.create(owner=user, target_id=SAGE.id, target_name="never used")
     response = signed_in.get(reverse("home"))
     assert response["Location"] == reverse("conversation", args=[newest.pk])
 

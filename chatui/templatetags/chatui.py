@@ -100,11 +100,19 @@ SIDEBAR_SIZE = 200
 
 @register.simple_tag(takes_context=True)
 def conversation_list(context: template.Context) -> Any:
-    """The signed-in person's recent conversations, for the sidebar of every page."""
+    """The signed-in person's recent conversations, for the sidebar of every page: those
+    something was said in, and the one open now (a new chat, before its first send)."""
+    from chatui.models import Conversation
+
     user = context.get("user")
     if user is None or not user.is_authenticated:
         return []
-    return user.conversations.only("id", "title", "target_name", "updated_at")[:SIDEBAR_SIZE]
+    shown = Conversation.objects.said_something()
+    current = context.get("conversation")
+    if isinstance(current, Conversation):
+        shown = shown | Conversation.objects.filter(pk=current.pk)
+    listed = shown.filter(owner=user).only("id", "title", "target_name", "updated_at")
+    return listed[:SIDEBAR_SIZE]
 
 
 @register.simple_tag(takes_context=True)
