@@ -738,6 +738,9 @@ class ApprovalRequest(models.Model):
     decision_turn = models.ForeignKey(
         Turn, on_delete=models.SET_NULL, null=True, blank=True, related_name="decisions"
     )
+    # The agent server dropped this call of a parallel step (Letta 0.16.4 keeps only
+    # the first): whatever was decided, the tool never ran and the agent never saw it.
+    dropped = models.BooleanField(default=False)
 
     FINAL_STATES = (State.APPROVED, State.DENIED, State.ANSWERED, State.EXPIRED)
 
@@ -849,6 +852,23 @@ class ApprovalRequest(models.Model):
             "tool_call_id": self.tool_call_id,
             "html": render_to_string("chat/_approval.html", {"approval": self}),
         }
+
+    @classmethod
+    def drop_unexpected(cls, turn: Turn, expected: list[str]) -> list[ApprovalRequest]:
+        """The server waits a decision for `expected` calls only: mark the other calls
+        this decision turn carries as dropped, and send only the expected decisions from
+        now on (a Retry too). Returns the requests dropped."""
+        carried = turn.request.get("approvals") or []
+        kept = [item for item in carried if item.get("tool_call_id") in expected]
+        if not kept or len(kept) == len(carried):
+            return []
+        dropped = list(turn.decisions.exclude(tool_call_id__in=expected))
+        cls.objects.filter(pk__in=[r.pk for r in dropped]).update(dropped=True)
+        for request in dropped:
+            request.dropped = True
+        turn.request = {**turn.request, "approvals": kept}
+        Turn.objects.filter(pk=turn.pk).update(request=turn.request)
+        return dropped
 
     def tool_return_item(self) -> dict[str, Any]:
         """The person's answer as a tool return (for questions, and answer-instead)."""

@@ -44,6 +44,7 @@ from chatui.letta.schemas import (
     RequestMessage,
     StreamRequest,
     edits_memory,
+    expected_tool_calls,
 )
 from chatui.models import (
     AgentLock,
@@ -191,6 +192,8 @@ class TurnRun:
         self.sent = False  # the request went upstream
         self.client: LettaClient | None = None
         self.token_approval_crashed = False
+        # The calls the server said it expects decisions for (it refused the others).
+        self.expected_calls: list[str] | None = None
         self.results_checked = False
         self.returned_calls: set[str] = set()  # tool calls whose result was stored
         self.background = turn.background
@@ -371,6 +374,30 @@ class TurnRun:
         if self.token_approval_crashed and request.stream_tokens:
             await self.resend_without_tokens(client, request)
             return
+        if self.expected_calls is not None and self.turn.kind == Turn.Kind.APPROVAL:
+            await self.resend_expected_decisions(client, request)
+            return
+        await self.reattach(client)
+
+    async def resend_expected_decisions(self, client: LettaClient, request: StreamRequest):
+        """The server refused the decisions because it waits for fewer calls than were
+        decided (Letta 0.16.4 keeps only the first call of a parallel step): send exactly
+        the decisions it expects, and say that the other calls were dropped, never run."""
+        expected, self.expected_calls = self.expected_calls or [], None
+        dropped = await database_sync_to_async(ApprovalRequest.drop_unexpected)(self.turn, expected)
+        if not dropped:
+            return  # nothing to take out: the refusal stands
+        names = ", ".join(sorted({request.tool_name for request in dropped}))
+        log.warning("turn %s: the server dropped %s; sending the rest", self.turn.pk, names)
+        for each in dropped:
+            frame = await database_sync_to_async(each.as_frame)()
+            self.queue.put_nowait({"type": "approval", "approval": frame})
+        self.assembler = Assembler()
+        self.error, self.stop_reason = None, ""
+        request = request.model_copy(
+            update={"messages": [REQUEST_ITEM.validate_python(self.turn.request)]}
+        )
+        await self.relay(client.stream_message(self.thread, request))
         await self.reattach(client)
 
     async def agent_asks_approval(self, client: LettaClient) -> bool:
@@ -683,6 +710,9 @@ class TurnRun:
                 elif "requires_approval" in detail:
                     # Letta 0.11.7 streaming an approval request token by token.
                     self.token_approval_crashed = True
+                    self.error = ("upstream", detail)
+                elif (expected := expected_tool_calls(detail)) is not None:
+                    self.expected_calls = expected
                     self.error = ("upstream", detail)
                 else:
                     self.error = ("upstream", detail)

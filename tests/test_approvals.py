@@ -407,3 +407,32 @@ async def test_decide_all_refuses_someone_who_may_not_decide(chat, user_cookie, 
     assert (await browser.post(url, {"decision": "approve"})).status_code == 403
     assert {r.state for r in await pending_requests(chat)} == {"pending"}
     await communicator.disconnect()
+
+
+async def test_calls_the_server_dropped_are_said_and_the_rest_is_decided(
+    chat, user, user_cookie, demo
+):
+    """Letta 0.16.4 keeps only the first of a step's parallel calls and refuses decisions
+    for the others (captures letta-0.16.4/*parallel_approval*)."""
+    demo.config(first_call_only=True)
+    communicator, _, _ = await connect(chat, cookie=user_cookie)
+    await ask_for_approval(communicator, "/parallel 2 " + TOOL)
+    first, second = await pending_requests(chat)
+    await decide(communicator, first.pk, "approve")
+    await decide(communicator, second.pk, "deny", reason="not that one")
+    frames = await receive_until(communicator, turn_ended)
+    await wait_for_runner(chat)
+    ended = frames[-1]["turn"]
+    assert (ended["status"], ended["error"]) == ("completed", "")
+    # Two sends: all decisions (refused), then exactly the one the server expects.
+    refused, accepted = [body["messages"][0]["approvals"] for body in upstream_bodies(demo)[-2:]]
+    assert [a["tool_call_id"] for a in refused] == [first.tool_call_id, second.tool_call_id]
+    assert [a["tool_call_id"] for a in accepted] == [first.tool_call_id]
+    first, second = await pending_requests(chat)
+    assert (first.state, first.dropped) == ("approved", False)
+    assert (second.state, second.dropped) == ("denied", True)
+    said = [f["approval"]["html"] for f in frames if f["type"] == "approval"]
+    assert any("The agent server dropped this call: it did not run" in html for html in said)
+    turn = await database_sync_to_async(Turn.objects.get)(pk=ended["id"])
+    assert [a["tool_call_id"] for a in turn.request["approvals"]] == [first.tool_call_id]
+    await communicator.disconnect()

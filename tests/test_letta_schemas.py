@@ -46,6 +46,7 @@ from chatui.letta.schemas import (
     UrlImageSource,
     UsageStatistics,
     UserMessage,
+    expected_tool_calls,
     parse_event,
     parse_message,
     validate_agent_id,
@@ -754,3 +755,18 @@ def test_a_nested_message_type_does_not_decide_the_type():
     untyped = '{"id": "m-1", "inner": {"message_type": "assistant_message"}}'
     assert isinstance(parse_event(untyped), UnknownMessage)
     assert type(parse_event(untyped)) is type(_MESSAGE.validate_json(untyped))
+
+
+def test_a_refused_parallel_decision_names_the_calls_the_server_expects(letta_captures):
+    """0.16.4 keeps only the first call of a parallel step: deciding both is refused
+    inside the stream, naming the one it expects."""
+    events = events_of(letta_captures["letta-0.16.4/sse_parallel_approval_both_decided.txt"])
+    [error] = [event for event in events if isinstance(event, ErrorMessage)]
+    assert expected_tool_calls(error.detail) == ["call_17189_0005"]
+    history = json.loads((CAPTURES / "letta-0.16.4/parallel_approval_history.json").read_text())
+    [request] = [m for m in history if m["message_type"] == "approval_request_message"]
+    assert [call["tool_call_id"] for call in request["tool_calls"]] == ["call_17189_0005"]
+    streamed = events_of(letta_captures["letta-0.16.4/sse_parallel_approval_tokens.txt"])
+    asked = {e.tool_call.tool_call_id for e in streamed if getattr(e, "tool_call", None)}
+    assert len(asked) == 2  # both were streamed
+    assert expected_tool_calls("CONFLICT: waiting for approval") is None

@@ -446,6 +446,7 @@ class RetrieveStreamRequest(WireModel):
 class ConfigUpdate(WireModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)
     group_stream: bool | None = None
+    first_call_only: bool | None = None
     conversations: bool | None = None
     legacy_approvals_only: bool | None = None
     background: bool | None = None
@@ -1071,7 +1072,8 @@ class AgentTurn:
                 return
         self.conversation.add(row)
         if plan.tool_calls:
-            self.conversation.pending = Pending(row, step_id, plan.tool_calls, turn)
+            kept = plan.tool_calls[:1] if self.upstream.config.first_call_only else plan.tool_calls
+            self.conversation.pending = Pending(row, step_id, kept, turn)
             self.end("requires_approval")
             return
         if plan.runs:
@@ -1339,6 +1341,9 @@ class GroupTurn(AgentTurn):
 @dataclass
 class DemoConfig:
     group_stream: bool = True
+    # Letta 0.16.4: of a step's parallel approval calls, only the first is kept and
+    # decidable (all are streamed); deciding them all is refused.
+    first_call_only: bool = False
     # Letta 0.16 has the conversations API; False answers its routes as 0.11.7 does.
     conversations: bool = True
     legacy_approvals_only: bool = False

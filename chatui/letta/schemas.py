@@ -691,6 +691,19 @@ def edits_memory(message: Any) -> bool:
     return bool(names & MEMORY_TOOLS)
 
 
+_EXPECTED_CALLS = re.compile(r"Invalid tool call IDs\. Expected '\[(?P<expected>[^\]]*)\]'")
+
+
+def expected_tool_calls(detail: str) -> list[str] | None:
+    """The tool calls a server says it waits a decision for, from its refusal of a set
+    of decisions ("Invalid tool call IDs. Expected '['call_1']', but received ..."):
+    Letta 0.16.4 keeps only the first call of a parallel step. None for other errors."""
+    found = _EXPECTED_CALLS.search(detail or "")
+    if found is None:
+        return None
+    return re.findall(r"'([^']+)'", found["expected"])
+
+
 # --- other resources chatui reads --------------------------------------------
 
 
