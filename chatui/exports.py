@@ -212,11 +212,42 @@ def conversation_markdown(conversation: Conversation) -> str:
     Message.name_tool_results(every)
     for turn_id, messages in groupby(every, key=lambda m: m.turn_id):
         lines += ["", "---"]
+        speaking = None
         for message in messages:
+            # Each message under its real author: a heading whenever the author changes.
+            author = author_of(message, conversation)
+            if author != speaking:
+                speaking = author
+                lines += ["", f"## {author} · {when(message.created_at)}"]
             lines += ["", message_markdown(message, conversation, approvals.get(message.pk, []))]
         if turn_id in turns:
             lines += ["", turn_markdown(turns[turn_id])]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def author_of(message: Message, conversation: Conversation) -> str:
+    """Who a message is from: the person (their words and the decisions they sent), or
+    the agent (a group's member by name), or the system."""
+    if message.kind in (Message.Kind.USER, Message.Kind.APPROVAL_RESPONSE):
+        return message.sender or conversation.owner.get_username()
+    if message.kind == Message.Kind.SYSTEM:
+        return "System"
+    return message.sender or conversation.target_name
+
+
+def below_export_headings(text: str) -> str:
+    """Markdown with its headings moved two levels down (# becomes ###), so headings
+    inside an answer never read as the export's own (# title, ## author). Code blocks
+    are left as they are."""
+    lines, fence = [], ""
+    for line in text.splitlines():
+        marker = re.match(r"^ {0,3}(`{3,}|~{3,})", line)
+        if marker and (not fence or marker[1].startswith(fence)):
+            fence = "" if fence else marker[1][:3]
+        elif not fence and (heading := re.match(r"^ {0,3}(#{1,6})(?=\s|$)", line)):
+            line = "#" * min(len(heading[1]) + 2, 6) + line[heading.end() :]
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def message_markdown(
@@ -224,11 +255,9 @@ def message_markdown(
 ) -> str:
     kind, payload, text = message.kind, message.payload, message.text
     if kind == Message.Kind.USER:
-        speaker = message.sender or conversation.owner.get_username()
-        return f"### {speaker} · {when(message.created_at)}\n\n{text}"
+        return below_export_headings(text)
     if kind == Message.Kind.ASSISTANT:
-        speaker = message.sender or conversation.target_name
-        parts = [f"### {speaker} · {when(message.created_at)}", text]
+        parts = [below_export_headings(text)]
         parts += [feedback_markdown(feedback) for feedback in message.feedback.all()]
         return "\n\n".join(parts)
     if kind == Message.Kind.REASONING:

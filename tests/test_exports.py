@@ -135,8 +135,12 @@ def test_markdown_is_a_readable_transcript(garden):
     text = exports.conversation_markdown(loaded)
     assert text.startswith("# Garden plans\n\n- Owner: ada\n- Agent: Demo · Sage (`agent-")
     assert "- Started: " in text and "- Last activity: " in text
-    assert "\n### ada · " in text and "\n\nPlan my garden\n" in text
-    assert "### Demo · Sage · " in text and "Here is **the plan**." in text
+    assert "\n## ada · " in text and "\n\nPlan my garden\n" in text
+    assert "\n## Demo · Sage · " in text and "Here is **the plan**." in text
+    # The agent's reasoning and tool calls sit under the agent, not the person.
+    agent = text.index("## Demo · Sage · ")
+    assert agent < text.index("**Reasoning**") < text.index("**Needs approval**")
+    assert "### " not in text.replace("#### ", "")  # no heading at an answer's level
     assert "*Feedback from ada: Helpful* “Spot on”" in text
     assert "**Reasoning**\n\n> Thinking about soil." in text
     assert '**Needs approval** `water_plants`\n\n```json\n{\n  "zone": "north"\n}\n```' in text
@@ -235,3 +239,25 @@ def test_the_conversation_menu_links_both_exports(signed_in, garden):
     menu = html[html.index('<div class="menu-panel">') : html.index("</details>")]
     assert f'href="{reverse("export_markdown", args=[garden.pk])}" download>Markdown</a>' in menu
     assert f'href="{reverse("export_json", args=[garden.pk])}" download>JSON</a>' in menu
+
+
+def test_headings_inside_answers_stay_below_the_exports_own(user):
+    conversation = Conversation.objects.create(owner=user, target_id=SAGE_ID, target_name="Sage")
+    turn = Turn.objects.create(conversation=conversation, otid="o1", status="completed")
+    Message.objects.create(conversation=conversation, turn=turn, kind="user", text="# Hello")
+    Message.objects.create(
+        conversation=conversation,
+        turn=turn,
+        kind="assistant",
+        text="# Plan\n\n## Steps\n\n```md\n# not a heading\n```\n###### deep",
+    )
+    [loaded] = exports.for_export(Conversation.objects.filter(pk=conversation.pk))
+    text = exports.conversation_markdown(loaded)
+    headings = re.findall(r"^#+ .*$", text, re.MULTILINE)
+    assert headings[0] == "# Chat with Sage"
+    assert [h for h in headings if h.startswith("## ")] == [
+        h for h in headings if h.startswith(("## ada", "## Sage"))
+    ]
+    assert "### Hello" in text and "### Plan" in text and "#### Steps" in text
+    assert "```md\n# not a heading\n```" in text  # code is code
+    assert "###### deep" in text
