@@ -309,3 +309,36 @@ async def test_it_logs_and_counts_requests(llm):
     assert with_bodies["requests"][0]["body"]["messages"] == [user("one")]
     await llm.delete("/_llm/requests")
     assert (await llm.get("/_llm/requests")).json() == {"count": 2, "requests": []}
+
+
+PARALLEL = (
+    'pay TOOL:transfer_funds ARGS:{"amount": 1, "to_account": "a"} '
+    'and TOOL:transfer_funds ARGS:{"amount": 2, "to_account": "b"}'
+)
+
+
+async def test_two_directives_make_two_calls_in_one_step(llm):
+    choice = await complete(llm, [user(PARALLEL)], tools=[tool("transfer_funds")])
+    first, second = choice["message"]["tool_calls"]
+    assert first["id"] != second["id"]
+    assert [json.loads(c["function"]["arguments"]) for c in (first, second)] == [
+        {"amount": 1, "to_account": "a"},
+        {"amount": 2, "to_account": "b"},
+    ]
+
+
+async def test_two_parallel_calls_stream_by_index(llm):
+    events = await stream(llm, [user(PARALLEL)], tools=[tool("transfer_funds")])
+    deltas = [
+        call
+        for event in events
+        if isinstance(event, dict) and event["choices"]
+        for call in event["choices"][0]["delta"].get("tool_calls") or []
+    ]
+    heads = [call for call in deltas if call.get("id")]
+    assert [head["index"] for head in heads] == [0, 1]
+    joined = [
+        "".join(c["function"]["arguments"] for c in deltas if c["index"] == n) for n in (0, 1)
+    ]
+    assert [json.loads(text)["amount"] for text in joined] == [1, 2]
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"

@@ -3,7 +3,8 @@
 The reply is a pure function of the last message, so a test knows what an agent will
 say before it asks:
 
-- user text ``TOOL:<name> ARGS:<json>``: call that tool with those arguments;
+- user text ``TOOL:<name> ARGS:<json>``: call that tool with those arguments; each
+  further ``TOOL:`` directive in the text adds a parallel call in the same step;
 - a tool result last: ``Tool said: <result>`` (Letta's ``{status, message, time}``
   wrapper taken off);
 - user text containing ``FAIL``: HTTP 500, for upstream-error tests;
@@ -56,6 +57,7 @@ SLOW_TAIL = (
     "fifteen sixteen seventeen eighteen nineteen twenty"
 )
 TOOL_DIRECTIVE = re.compile(r"TOOL:(?P<name>[A-Za-z_][\w-]*)\s+ARGS:\s*(?P<args>\{.*\})", re.S)
+TOOL_NAME = re.compile(r"TOOL:(?P<name>[A-Za-z_][\w-]*)\s+ARGS:\s*")
 # Letta's usage numbers in the captures come from these.
 USAGE = {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}
 ARGUMENT_CHUNK = 8  # streamed tool arguments arrive in pieces this long, as from a real model
@@ -71,6 +73,8 @@ class Reply:
     tool_name: str | None = None
     tool_arguments: dict[str, Any] = field(default_factory=dict)
     slow: bool = False
+    # Further calls in the same step (name, arguments): parallel tool calls.
+    more_calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def text(self) -> str:
@@ -136,16 +140,31 @@ def scripted_reply(messages: list[dict[str, Any]]) -> Reply:
     text = unwrap(message_text(last))
     if "FAIL" in text:
         return Reply(kind="fail")
-    directive = TOOL_DIRECTIVE.search(text)
-    if directive:
-        try:
-            arguments = json.loads(directive["args"])
-        except ValueError:
-            return Reply(kind="echo", content=f"Echo: bad ARGS in {text}")
-        return Reply(kind="tool_call", tool_name=directive["name"], tool_arguments=arguments)
+    calls = tool_directives(text)
+    if calls is None:
+        return Reply(kind="echo", content=f"Echo: bad ARGS in {text}")
+    if calls:
+        (name, arguments), *more = calls
+        return Reply(kind="tool_call", tool_name=name, tool_arguments=arguments, more_calls=more)
     if "SLOW" in text:
         return Reply(kind="slow", content=f"Echo: {text} {SLOW_TAIL}", slow=True)
     return Reply(kind="echo", content=f"Echo: {text}")
+
+
+def tool_directives(text: str) -> list[tuple[str, dict[str, Any]]] | None:
+    """Every ``TOOL:<name> ARGS:<json object>`` in the text, in order; None when one's
+    arguments are not a JSON object."""
+    calls = []
+    decoder = json.JSONDecoder()
+    for found in TOOL_NAME.finditer(text):
+        try:
+            arguments, _ = decoder.raw_decode(text, found.end())
+        except ValueError:
+            return None
+        if not isinstance(arguments, dict):
+            return None
+        calls.append((found["name"], arguments))
+    return calls
 
 
 def dress_for_memgpt(reply: Reply, schemas: dict[str, dict[str, Any]]) -> Reply:
@@ -276,23 +295,28 @@ class ScriptedModel:
         tool_call_id = None
         if reply.tool_name:
             tool_call_id = f"call_{os.getpid()}_{next(self.tool_calls):04d}"
+        more_ids = [f"call_{os.getpid()}_{next(self.tool_calls):04d}" for _ in reply.more_calls]
         completion_id = f"chatcmpl-testbed-{self.request_count}"
         model = body.get("model") or MODEL_NAME
         if body.get("stream"):
-            return await self.stream(request, body, reply, completion_id, model, tool_call_id)
+            return await self.stream(
+                request, body, reply, completion_id, model, [tool_call_id, *more_ids]
+            )
         if reply.slow:
             await asyncio.sleep(self.slow_delay * len(words(reply.text)))
         message: dict[str, Any] = {"role": "assistant", "content": reply.content, "refusal": None}
         if reply.tool_name:
             message["tool_calls"] = [
                 {
-                    "id": tool_call_id,
+                    "id": call_id,
                     "type": "function",
-                    "function": {
-                        "name": reply.tool_name,
-                        "arguments": json.dumps(reply.tool_arguments),
-                    },
+                    "function": {"name": name, "arguments": json.dumps(arguments)},
                 }
+                for call_id, (name, arguments) in zip(
+                    [tool_call_id, *more_ids],
+                    [(reply.tool_name, reply.tool_arguments), *reply.more_calls],
+                    strict=True,
+                )
             ]
         choice = {
             "index": 0,
@@ -318,7 +342,7 @@ class ScriptedModel:
         reply: Reply,
         completion_id: str,
         model: str,
-        tool_call_id: str | None,
+        call_ids: list[str | None],
     ) -> web.StreamResponse:
         """Send the reply as OpenAI chat.completion.chunk events."""
         response = web.StreamResponse(
@@ -347,18 +371,23 @@ class ScriptedModel:
                 await send({**role, "content": piece})
                 role = {}
                 await asyncio.sleep(pause)
-            if reply.tool_name:
+            calls = [(reply.tool_name, reply.tool_arguments), *reply.more_calls]
+            for index, (call_id, (name, values)) in enumerate(zip(call_ids, calls, strict=True)):
+                if not name:
+                    continue
                 head = {
-                    "index": 0,
-                    "id": tool_call_id,
+                    "index": index,
+                    "id": call_id,
                     "type": "function",
-                    "function": {"name": reply.tool_name, "arguments": ""},
+                    "function": {"name": name, "arguments": ""},
                 }
                 await send({**role, "content": None, "tool_calls": [head]})
-                arguments = json.dumps(reply.tool_arguments)
+                role = {}
+                arguments = json.dumps(values)
                 for start in range(0, len(arguments), ARGUMENT_CHUNK):
                     fragment = arguments[start : start + ARGUMENT_CHUNK]
-                    await send({"tool_calls": [{"index": 0, "function": {"arguments": fragment}}]})
+                    piece = {"index": index, "function": {"arguments": fragment}}
+                    await send({"tool_calls": [piece]})
                     await asyncio.sleep(pause)
             await send({}, "tool_calls" if reply.tool_name else "stop")
             if (body.get("stream_options") or {}).get("include_usage"):

@@ -306,3 +306,46 @@ async def test_a_call_left_waiting_outside_chatui_is_shown_and_decided(
     # The refused "hello?" never became part of the agent's history.
     users = [plain_text(m.content) for m in of_type(history, "user_message")]
     assert users == [PAY]
+
+
+# -- parallel calls: 0.16.4 keeps only the first --------------------------------------------
+
+PARALLEL = (
+    'pay TOOL:transfer_funds ARGS:{"amount": 1, "to_account": "acct-1"} '
+    'and TOOL:transfer_funds ARGS:{"amount": 2, "to_account": "acct-2"}'
+)
+
+
+async def test_a_parallel_call_the_server_dropped_is_said_and_the_rest_goes_on(
+    chat, user_cookie, agents_server
+):
+    """The model asks for two approval-gated calls in one step. 0.16.4 streams both but
+    keeps only the first (captures letta-0.16.4/*parallel_approval*): deciding both is
+    refused, so chatui sends the decision it expects and says the other never ran."""
+    communicator = await connect(chat, user_cookie)
+    frames = await chat_turn(communicator, chat, PARALLEL, "otid-parallel-0001")
+    assert frames[-1]["turn"]["stop_reason"] == "requires_approval"
+    first, second = await approval_requests(chat)
+    assert [json.loads(r.arguments)["amount"] for r in (first, second)] == [1, 2]
+    await communicator.send_json_to({"type": "decide", "approval": first.pk, "decision": "approve"})
+    frames = await decide(communicator, chat, second, decision="deny", reason="not this one")
+    await communicator.disconnect()
+
+    ended = frames[-1]["turn"]
+    assert (ended["status"], ended["stop_reason"], ended["error"]) == (
+        "completed",
+        "end_turn",
+        "",
+    )
+    first, second = await approval_requests(chat)
+    assert (first.state, first.dropped) == ("approved", False)
+    assert (second.state, second.dropped) == ("denied", True)
+    said = [f["approval"]["html"] for f in frames if f["type"] == "approval"]
+    assert any("The agent server dropped this call: it did not run" in html for html in said)
+    history = await letta_history(agents_server.base_url, chat.target_id)
+    (response,) = of_type(history, "approval_response_message")
+    assert [a["tool_call_id"] for a in response.model_dump()["approvals"]] == [first.tool_call_id]
+    (result,) = of_type(history, "tool_return_message")
+    assert "transferred 1 to acct-1" in plain_text(result.tool_return)
+    answers = await stored(chat, "assistant")
+    assert "transferred 1 to acct-1" in answers[-1].text
