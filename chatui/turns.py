@@ -196,6 +196,8 @@ class TurnRun:
         self.expected_calls: list[str] | None = None
         self.results_checked = False
         self.returned_calls: set[str] = set()  # tool calls whose result was stored
+        # Answers stored with a backslash in them, by Letta id: the speaker's name.
+        self.escaped: dict[str, str] = {}
         self.background = turn.background
         self.run_id = turn.run_id
         # A chat with a Letta conversation of its own never waits for its agent.
@@ -659,6 +661,7 @@ class TurnRun:
         """Persist whatever is still open (partial text is kept) and record the outcome."""
         await self.handle(self.assembler.finish())
         self.flush()
+        await self.reconcile()
         if self.stop_requested or self.stop_reason == "cancelled":
             status = Turn.Status.CANCELLED
         elif self.error or self.stop_reason in FAILED_STOP_REASONS:
@@ -766,11 +769,38 @@ class TurnRun:
             self.returned_calls.update(returned_call_ids(letta_message))
         if edits_memory(letta_message):
             self.memory_changed = True
+        if letta_message.message_type == "assistant_message" and "\\" in letta_message.text:
+            self.escaped[letta_message.id or ""] = letta_message.name or ""
         frame, approvals = await database_sync_to_async(store_message)(self.turn, letta_message)
         self.stored = [known for known in self.stored if known["id"] != frame["id"]] + [frame]
         self.queue.put_nowait({"type": "message", "message": frame})
         if approvals:
             await announce_approvals(approvals)
+
+    async def reconcile(self) -> None:
+        """Keep Letta's own text where the stream said something else. Letta 0.11.7
+        streams an answer's text JSON-escaped and cut short, then whole again
+        (tests/fixtures/recordings/letta-0.11.7): assembled, that is not what it keeps.
+        Answers stored with a backslash are read back from history, and Letta's wins."""
+        if not self.escaped or self.client is None or self.stop_requested:
+            return
+        members = {m.get("name"): m.get("id") for m in self.conversation.members or []}
+        threads: dict[Thread, set[str]] = {}
+        for letta_id, speaker in self.escaped.items():
+            group = self.conversation.target_kind == TargetKind.GROUP
+            thread = Thread(members.get(speaker, "")) if group else self.thread
+            if thread.agent_id and letta_id:
+                threads.setdefault(thread, set()).add(letta_id)
+        for thread, ids in threads.items():
+            try:
+                recent = await self.client.list_messages(thread, limit=50, order="desc")
+            except (LettaError, ValueError) as error:
+                log.warning("turn %s: cannot read back %s: %s", self.turn.pk, thread, error)
+                continue
+            for message in recent:
+                if message.message_type == "assistant_message" and message.id in ids:
+                    await self.store(message)  # the row brought up to Letta's text
+        self.escaped = {}
 
     def schedule_flush(self) -> None:
         if self.outbox.scheduled is not None:

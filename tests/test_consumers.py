@@ -588,3 +588,18 @@ async def test_a_stream_that_sends_nothing_fails_sooner_than_one_gone_quiet(
     frames = await receive_until(communicator, turn_ended)
     assert frames[-1]["turn"]["status"] == "completed"
     await communicator.disconnect()
+
+
+async def test_an_escaped_stream_is_stored_and_shown_as_letta_keeps_it(chat, user_cookie, demo):
+    """Letta 0.11.7 streams an answer JSON-escaped and cut short, then whole again
+    (tests/fixtures/recordings/letta-0.11.7): chatui keeps Letta's own text."""
+    demo.config(escaped_tokens=True)
+    communicator, _, _ = await connect(chat, cookie=user_cookie)
+    await send(communicator, 'say "hi" there\nand more')
+    frames = await receive_until(communicator, turn_ended)
+    await wait_for_runner(chat)
+    answer = await database_sync_to_async(Message.objects.get)(conversation=chat, kind="assistant")
+    assert answer.text == 'Echo: say "hi" there\nand more'
+    last = [f["message"] for f in frames if f["type"] == "message"][-1]
+    assert last["id"] == answer.pk and "\\" not in last["html"]
+    await communicator.disconnect()

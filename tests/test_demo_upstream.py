@@ -1046,3 +1046,37 @@ def test_a_deleted_agent_takes_its_conversations_along(client):
     assert client.delete(f"/v1/agents/{ECHO}").status_code == 200
     assert client.get(f"/v1/agents/{ECHO}").status_code == 404
     assert client.get(f"/v1/conversations/{conversation}").status_code == 404
+
+
+RECORDINGS = Path(__file__).parent / "fixtures" / "recordings"
+
+
+def escaped_shape(events: list[dict]) -> list[tuple[int, bool]]:
+    """Per streamed answer: how many pieces, and whether they are Letta 0.11.7's quirk
+    (every piece but the last JSON-escaped and cut short, the last the whole text)."""
+    answers: dict[str, list[str]] = {}
+    for event in events:
+        if event.get("message_type") == "assistant_message":
+            answers.setdefault(event["id"], []).append(event["content"])
+    shapes = []
+    for pieces in answers.values():
+        *escaped, whole = pieces
+        quirk = bool(escaped) and json.dumps(whole)[1:-1].startswith("".join(escaped))
+        shapes.append((len(pieces), quirk and "".join(escaped) != whole))
+    return shapes
+
+
+@pytest.mark.parametrize(
+    "name", ["sse_agent_tokens_escaped.txt", "sse_group_stream_tokens_escaped.txt"]
+)
+def test_the_escaped_switch_streams_like_the_0_11_7_recording(client, demo, name):
+    raw = (RECORDINGS / "letta-0.11.7" / name).read_text()
+    real = [json.loads(data) for _, data in parse_sse(raw) if data != "[DONE]"]
+    assert all(quirk for _, quirk in escaped_shape(real))
+    demo.config(escaped_tokens=True)
+    stream = send(client, ECHO, 'say "hi" there\nand more', stream_tokens=True)
+    [(pieces, quirk)] = escaped_shape(stream.events)
+    assert quirk and pieces > 2
+    assert history(client, ECHO)[-1]["content"] == 'Echo: say "hi" there\nand more'
+    plain = send(client, ECHO, "nothing to escape", stream_tokens=True)
+    assert not any(quirk for _, quirk in escaped_shape(plain.events))

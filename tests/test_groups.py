@@ -168,3 +168,35 @@ async def test_a_group_the_server_no_longer_knows_fails_readably(group_chat, use
     assert "Group not found" in turn["error"]
     await wait_for_runner(group_chat)
     await communicator.disconnect()
+
+
+async def test_a_members_escaped_stream_is_replaced_by_the_text_letta_keeps(
+    group_chat, user_cookie, demo
+):
+    """Letta 0.11.7 streams send_message's text JSON-escaped and cut short, then whole
+    (tests/fixtures/recordings/letta-0.11.7): what chatui keeps is what Letta keeps."""
+    demo.config(escaped_tokens=True)
+    communicator, _, _ = await connect(group_chat, cookie=user_cookie)
+    await send(communicator, "plan the garden")
+    frames = await receive_until(communicator, turn_ended)
+    assert frames[-1]["turn"]["status"] == "completed"
+    await wait_for_runner(group_chat)
+    answers = await database_sync_to_async(
+        lambda: list(
+            Message.objects.filter(conversation=group_chat, kind="assistant")
+            .order_by("pk")
+            .values_list("sender", "text")
+        )
+    )()
+    assert [sender for sender, _ in answers] == [m["name"] for m in MEMBERS]
+    ada, lin = (text for _, text in answers)
+    assert ada.endswith('starting "Done means…".') and ada.count("Ada here") == 1, ada
+    assert "\\" not in ada and lin.startswith("Lin, building on Ada")
+    # The page was shown the same: the last frame of each answer is Letta's text.
+    shown = [
+        f["message"]["html"]
+        for f in frames
+        if f["type"] == "message" and f["message"]["kind"] == "assistant"
+    ]
+    assert "\\&quot;" not in shown[-1] and "\\n" not in shown[-1]
+    await communicator.disconnect()

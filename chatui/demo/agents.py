@@ -739,7 +739,7 @@ class Ada(DemoAgent):
         extras = "".join(f" ({extra})" for extra in self.describe_extras(turn))
         return (
             f"Ada here. Before we solve **{keyword}**, what would *done* look like for you? "
-            f"I'd write that down first.{extras}"
+            f'I\'d write that down first, starting "Done means…".{extras}'
         )
 
 

@@ -446,6 +446,7 @@ class RetrieveStreamRequest(WireModel):
 class ConfigUpdate(WireModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)
     group_stream: bool | None = None
+    escaped_tokens: bool | None = None
     first_call_only: bool | None = None
     conversations: bool | None = None
     legacy_approvals_only: bool | None = None
@@ -1105,6 +1106,12 @@ class AgentTurn:
             row.messages.append(chunk(text))
             self.show(row.messages[-1])
             return True
+        whole = "".join(tokens)
+        escaped = json.dumps(whole)[1:-1]
+        if kind == "assistant_message" and self.upstream.config.escaped_tokens and escaped != whole:
+            # As 0.11.7 does when the text needs escaping (quotes, newlines, non-ASCII).
+            tokens = [escaped[n : n + 8] for n in range(0, max(len(escaped) - 8, 0), 8)]
+            tokens.append(whole)
         for token in tokens:
             if await self.pause(plan):
                 # Letta lets the chunk in flight through after the cancelled stop reason.
@@ -1119,7 +1126,7 @@ class AgentTurn:
             text += token
             self.completion_tokens += 1
             self.show(chunk(token))
-        row.messages.append(chunk(text))
+        row.messages.append(chunk(whole))  # what Letta keeps, whatever it streamed
         return True
 
     async def stream_calls(
@@ -1328,6 +1335,8 @@ class GroupTurn(AgentTurn):
             if tokens and not await self.stream_text(kind, row, None, plan):
                 return False
         self.conversation.add(row)
+        # As in Letta 0.11.7, what a member said is in its own history too.
+        self.upstream.conversations[self.agent.id].add(row)
         if plan.error:
             self.fail("llm_api_error", "llm_error", LLM_FAILED, plan.error)
             return False
@@ -1341,6 +1350,9 @@ class GroupTurn(AgentTurn):
 @dataclass
 class DemoConfig:
     group_stream: bool = True
+    # Letta 0.11.7 streams an answer's tokens JSON-escaped and cut short, then the whole
+    # text once more (tests/fixtures/recordings/letta-0.11.7); its history is clean.
+    escaped_tokens: bool = False
     # Letta 0.16.4: of a step's parallel approval calls, only the first is kept and
     # decidable (all are streamed); deciding them all is refused.
     first_call_only: bool = False

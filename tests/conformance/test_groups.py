@@ -190,3 +190,24 @@ async def test_a_failed_group_turn_is_retried_with_the_same_otid(
         "otid-group-retry1",
         "otid-group-retry1",
     ]
+
+
+async def test_escaped_member_streams_are_stored_as_letta_keeps_them(
+    group_chat, user_cookie, proxy, fresh_group, letta_testbed
+):
+    """With quotes or a newline in the text, 0.11.7 streams each member's answer
+    JSON-escaped and cut short, then whole again; chatui keeps Letta's text (read back
+    from the member's history), and the page ends up showing it."""
+    text = 'say "hi" there\nand a second line'
+    communicator = await connect(group_chat, user_cookie)
+    frames = await chat_turn(communicator, group_chat, text, "otid-group-escaped")
+    await communicator.disconnect()
+    assert frames[-1]["turn"]["status"] == "completed"
+    first, second = (member["name"] for member in fresh_group.members)
+    assert answers(await stored(group_chat)) == [
+        (first, f"Echo: {text}"),
+        (second, f"Echo: Echo: {text}"),
+    ]
+    history = await group_history(letta_testbed, fresh_group.id)
+    kept = [m["content"] for m in history if m["message_type"] == "assistant_message"]
+    assert kept == [f"Echo: {text}", f"Echo: Echo: {text}"]
