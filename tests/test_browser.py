@@ -1118,3 +1118,29 @@ def test_approve_all_decides_every_parallel_call_at_once(open_chat):
     assert chat.page.locator("form[data-decide-all]").count() == 0
     assert chat.page.locator("form[data-decide]").count() == 0
     assert chat.errors == []
+
+
+def test_the_keyboard_skips_to_the_content_and_tab_from_the_message_box_reaches_send(open_chat):
+    chat = open_chat()
+    chat.start(ECHO)
+    page = chat.page
+    page.goto(f"{chat.server.url}/new/")
+    page.keyboard.press("Tab")
+    skip = page.locator(".skip-link")
+    assert skip.evaluate("(el) => el === document.activeElement")
+    assert skip.is_visible()
+    page.keyboard.press("Enter")
+    page.keyboard.press("Tab")
+    focused = page.evaluate("document.activeElement.closest('main') !== null")
+    assert focused  # past the conversation list, in the page's own content
+    assert page.evaluate("document.activeElement.matches('.agent-card, a, button')")
+    # In a chat: Tab from the (empty) message box goes to Send, not out of the page.
+    chat.start(ECHO)
+    page.focus("[data-composer-text]")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.matches('[data-send]')")
+    assert page.locator("[data-send]").get_attribute("aria-disabled") == "true"
+    page.keyboard.press("Enter")  # nothing to send: nothing happens
+    assert page.locator(".msg-user").count() == 0
+    page.fill("[data-composer-text]", "hello")
+    assert page.locator("[data-send]").get_attribute("aria-disabled") == "false"

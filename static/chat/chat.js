@@ -930,7 +930,10 @@
       stopButton.hidden = !busy;
       sendButton.hidden = busy;
       const uploading = attached.some((image) => image.uploading);
-      sendButton.disabled = uploading || !(textarea.value.trim() || attached.length);
+      // aria-disabled, not disabled: Tab from the message box still reaches Send (a
+      // disabled button is skipped, and focus fell out of the page).
+      const cannot = uploading || !(textarea.value.trim() || attached.length);
+      sendButton.setAttribute("aria-disabled", String(cannot));
       attachButton.disabled = attached.length >= config.images.count;
       tray.hidden = !attached.length;
     }
