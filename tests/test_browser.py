@@ -1144,3 +1144,26 @@ def test_the_keyboard_skips_to_the_content_and_tab_from_the_message_box_reaches_
     assert page.locator(".msg-user").count() == 0
     page.fill("[data-composer-text]", "hello")
     assert page.locator("[data-send]").get_attribute("aria-disabled") == "false"
+
+
+def test_the_hover_time_covers_none_of_an_answer(chat, demo):
+    chat.start(ECHO)
+    chat.send("Not during the demo, " + "and a first line long enough to reach the edge " * 4)
+    chat.wait_turn("completed")
+    answer = chat.last_turn().locator(".msg-assistant").last
+    answer.hover()
+    time = answer.locator(".msg-meta")
+    time.wait_for(state="visible")
+    chat.page.wait_for_function(
+        "(el) => getComputedStyle(el).opacity === '1'", arg=time.element_handle()
+    )
+    chat.screenshot("hover-time-desktop-light")
+    shown = time.bounding_box()
+    text = answer.locator(".md").bounding_box()
+    overlap_x = min(shown["x"] + shown["width"], text["x"] + text["width"]) - max(
+        shown["x"], text["x"]
+    )
+    overlap_y = min(shown["y"] + shown["height"], text["y"] + text["height"]) - max(
+        shown["y"], text["y"]
+    )
+    assert overlap_x <= 0 or overlap_y <= 0, (shown, text)
