@@ -41,6 +41,15 @@ async def open_conversation(
             return None
 
 
+async def conversation_exists(conversation_id: str) -> bool:
+    async with LettaClient.from_settings(for_page=True) as client:
+        try:
+            await client.get_conversation(conversation_id)
+        except LettaError:
+            return False
+        return True
+
+
 async def close_conversation(conversation_id: str) -> None:
     async with LettaClient.from_settings(for_page=True) as client:
         await client.delete_conversation(conversation_id)
@@ -117,6 +126,15 @@ class NewConversationForm(forms.Form):
                 .order_by("-pk")
                 .first()
             )
+            # Only while Letta still has its conversation (a server reset loses it).
+            lost = (
+                self.unused is not None
+                and self.unused.letta_conversation_id
+                and not async_to_sync(conversation_exists)(self.unused.letta_conversation_id)
+            )
+            if lost:
+                self.unused.delete()
+                self.unused = None
             if self.unused is not None:
                 return cleaned
         # Checked upstream, so a conversation never points at a target that is not there.

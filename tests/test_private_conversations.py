@@ -445,3 +445,14 @@ async def test_a_dead_workers_direct_turn_is_read_back_from_its_conversation(dem
     assert assistant.text == " ".join(f"t{n}" for n in range(1, 13))
     reads = [r["path"] for r in upstream_requests(demo, "/messages") if r["method"] == "GET"]
     assert reads and all(chat.letta_conversation_id in path for path in reads)
+
+
+def test_an_unused_chat_whose_conversation_letta_lost_is_not_opened_again(client, user, demo):
+    client.force_login(user)
+    first = client.post(reverse("new_conversation"), {"target_id": ECHO})
+    demo.reset()  # the Letta server forgot every conversation
+    second = client.post(reverse("new_conversation"), {"target_id": ECHO})
+    assert first["Location"] != second["Location"]
+    [chat] = Conversation.objects.filter(owner=user)  # the stale unused one is gone
+    listed = httpx.get(f"{demo.url}/v1/conversations/", params={"agent_id": ECHO}).json()
+    assert [c["id"] for c in listed] == [chat.letta_conversation_id]
