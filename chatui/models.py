@@ -269,6 +269,9 @@ class Turn(models.Model):
     error = models.TextField(blank=True)
     error_code = models.CharField(max_length=64, blank=True)
     attempts = models.PositiveIntegerField(default=0)
+    # How each earlier attempt ended (Retry starts a new one): [{"attempt", "status",
+    # "error", "error_code", "stop_reason"}], oldest first.
+    attempt_log = models.JSONField(default=list, blank=True)
     # Whether Letta runs it in the background (resumable by run_id and seq_id).
     background = models.BooleanField(default=False)
     # The chatui worker streaming it; another takes over when that worker goes quiet.
@@ -410,6 +413,24 @@ class Turn(models.Model):
         return self.messages.aggregate(models.Max("seq_id"))["seq_id__max"]
 
     @property
+    def attempt(self) -> int:
+        """Which attempt this is: 1, and one more after each Retry."""
+        return len(self.attempt_log) + 1
+
+    @property
+    def earlier_attempts(self) -> list[dict[str, Any]]:
+        """The earlier attempts as a page shows them: number, outcome, error."""
+        labels = dict(self.Status.choices)
+        return [
+            {
+                "attempt": entry.get("attempt", n + 1),
+                "status_label": labels.get(entry.get("status"), entry.get("status", "")),
+                "error": entry.get("error", ""),
+            }
+            for n, entry in enumerate(self.attempt_log)
+        ]
+
+    @property
     def reason_label(self) -> str:
         """Why the turn stopped, in words, when that tells the person something."""
         return self.REASON_WORDS.get(self.stop_reason, "")
@@ -427,13 +448,23 @@ class Turn(models.Model):
             "error_code": self.error_code,
             "retryable": self.status in (self.Status.FAILED, self.Status.CANCELLED)
             and self.error_code not in self.FINAL_ERRORS,
+            "attempt": self.attempt,
+            "earlier_attempts": self.earlier_attempts,
         }
 
     def restart(self) -> bool:
         """Mark a failed or stopped turn running again, for Retry; False if it cannot be.
 
-        A retry is a new run upstream: what the last attempt's run said is forgotten.
+        A retry is a new run upstream: what the last attempt's run said is forgotten,
+        except how it ended, kept in the attempt log (the page folds its messages).
         """
+        ended = {
+            "attempt": self.attempt,
+            "status": self.status,
+            "error": self.error,
+            "error_code": self.error_code,
+            "stop_reason": self.stop_reason,
+        }
         updated = (
             Turn.objects.filter(pk=self.pk)
             .exclude(status__in=self.ACTIVE)
@@ -449,6 +480,7 @@ class Turn(models.Model):
                 usage={},
                 background=False,
                 worker=this_worker(),
+                attempt_log=[*self.attempt_log, ended],
             )
         )
         if updated:
@@ -486,6 +518,8 @@ class Message(models.Model):
     run_id = models.CharField(max_length=64, blank=True)
     step_id = models.CharField(max_length=64, blank=True)
     seq_id = models.BigIntegerField(null=True, blank=True)
+    # Which attempt of its turn produced it (see Turn.attempt): earlier ones fold away.
+    attempt = models.PositiveSmallIntegerField(default=1)
     # Who said it: the user's name, or the agent's name in a group.
     sender = models.CharField(max_length=200, blank=True)
     sender_id = models.CharField(max_length=64, blank=True)
@@ -539,6 +573,7 @@ class Message(models.Model):
             run_id=data.get("run_id") or "",
             step_id=data.get("step_id") or "",
             seq_id=data.get("seq_id"),
+            attempt=turn.attempt,
             sender=data.get("name") or "",
             sender_id=data.get("sender_id") or "",
             text=text_of(data),

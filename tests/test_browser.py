@@ -1167,3 +1167,22 @@ def test_the_hover_time_covers_none_of_an_answer(chat, demo):
         shown["y"], text["y"]
     )
     assert overlap_x <= 0 or overlap_y <= 0, (shown, text)
+
+
+def test_a_retried_reply_folds_the_failed_attempt(chat, demo):
+    chat.start(ECHO)
+    demo.fault("stream_error", after=3, path="/messages")  # the chat's conversation route
+    chat.send("please fail /tokens 12")
+    chat.wait_turn("failed")
+    chat.last_turn().locator("[data-retry]").click()
+    chat.wait_turn("completed")
+    fold = chat.last_turn().locator("details.attempt")
+    assert fold.count() == 1
+    assert fold.locator(":scope > summary").inner_text().startswith("Attempt 1: failed")
+    assert not fold.evaluate("(el) => el.open")  # folded away
+    assert fold.locator(".msg-assistant").count() == 1
+    visible = chat.last_turn().locator(":scope > .msg-assistant .md").all_inner_texts()
+    assert visible == [" ".join(f"t{n}" for n in range(1, 13))]
+    chat.page.reload()
+    chat.wait_connected()
+    assert chat.last_turn().locator("details.attempt .msg-assistant").count() == 1

@@ -603,3 +603,30 @@ async def test_an_escaped_stream_is_stored_and_shown_as_letta_keeps_it(chat, use
     last = [f["message"] for f in frames if f["type"] == "message"][-1]
     assert last["id"] == answer.pk and "\\" not in last["html"]
     await communicator.disconnect()
+
+
+async def test_a_retry_keeps_how_the_failed_attempt_ended_and_numbers_the_new_one(
+    chat, user_cookie, demo
+):
+    demo.fault("stream_error", after=2, path="/messages/stream")
+    communicator, _, _ = await connect(chat, cookie=user_cookie)
+    await send(communicator, "/tokens 10")
+    failed = await receive_until(communicator, turn_ended)
+    turn = failed[-1]["turn"]
+    assert (turn["status"], turn["attempt"], turn["earlier_attempts"]) == ("failed", 1, [])
+    await wait_for_runner(chat)
+    await communicator.send_json_to({"type": "retry", "turn": turn["id"]})
+    frames = await receive_until(communicator, turn_ended)
+    await wait_for_runner(chat)
+    again = frames[-1]["turn"]
+    assert (again["status"], again["attempt"]) == ("completed", 2)
+    [earlier] = again["earlier_attempts"]
+    assert earlier["attempt"] == 1 and earlier["status_label"] == "Failed" and earlier["error"]
+    attempts = await database_sync_to_async(
+        lambda: list(
+            Message.objects.filter(conversation=chat).order_by("pk").values_list("kind", "attempt")
+        )
+    )()
+    assert attempts[0] == ("user", 1)
+    assert ("assistant", 1) in attempts and attempts[-1] == ("assistant", 2)
+    await communicator.disconnect()

@@ -1270,3 +1270,22 @@ def test_a_letta_that_never_answers_does_not_hold_the_new_chat_page(signed_in, d
     html = page.content.decode()
     assert page.status_code == 200 and "The agent server is not answering" in html
     assert "did not answer GET /v1/agents/ within 0.5 s" in html
+
+
+def test_earlier_attempts_of_a_retried_turn_are_folded_with_how_they_ended(signed_in, conversation):
+    turn = add_turn(conversation, "please fail", status=Turn.Status.COMPLETED)
+    Turn.objects.filter(pk=turn.pk).update(
+        attempt_log=[
+            {"attempt": 1, "status": "failed", "error": "The model <b>broke</b>", "error_code": ""}
+        ]
+    )
+    add_message(turn, "assistant", "Echo: please f", id="message-a1")  # attempt 1
+    second = add_message(turn, "assistant", "Echo: please fail", id="message-a2")
+    Message.objects.filter(pk=second.pk).update(attempt=2)
+    html = signed_in.get(reverse("conversation", args=[conversation.pk])).content.decode()
+    fold = html.split('<details class="attempt" data-attempt-fold="1">')[1].split("</details>")[0]
+    assert "<summary>Attempt 1: failed · The model &lt;b&gt;broke&lt;/b&gt;</summary>" in fold
+    assert "Echo: please f<" in fold and "message-a2" not in fold
+    after = html.split('data-attempt-fold="1"')[1].split("</details>", 1)[1]
+    assert 'data-key="assistant:message-a2"' in after
+    assert html.count("please fail</p>") == 1  # the person's words once, unfolded

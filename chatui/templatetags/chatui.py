@@ -142,6 +142,24 @@ def approvals_of(message: Any) -> list[Any]:
 
 
 @register.filter
+def attempt_blocks(messages: list[Any], turn: Any) -> list[dict[str, Any]]:
+    """A turn's messages in blocks: the person's, the current attempt's, and each
+    earlier attempt's (with its `outcome`: how it ended), which the page folds away."""
+    outcomes = {entry["attempt"]: entry for entry in getattr(turn, "earlier_attempts", [])}
+    current = getattr(turn, "attempt", 1)
+    blocks: list[dict[str, Any]] = []
+    for message in messages:
+        earlier = message.kind != "user" and message.attempt < current
+        attempt = message.attempt if earlier else 0
+        if not blocks or blocks[-1]["attempt"] != attempt:
+            outcome = outcomes.get(attempt, {"status_label": "Ended", "error": ""})
+            blocks.append({"attempt": attempt, "outcome": outcome if earlier else None})
+            blocks[-1]["messages"] = []
+        blocks[-1]["messages"].append(message)
+    return blocks
+
+
+@register.filter
 def pending_approvals(approvals: list[Any]) -> list[Any]:
     """The approvals (not questions) among these requests that still wait."""
     return [a for a in approvals if a.is_pending and a.kind == "approval"]

@@ -693,9 +693,33 @@
       return `${listed} ${names.length > 1 ? "are" : "is"} working…`;
     }
 
+    // A retried turn: what its earlier attempts showed folds into "Attempt 1: failed"
+    // blocks, as the page renders them after a reload.
+    function foldEarlierAttempts(section, turn) {
+      if (!turn.attempt || turn.attempt < 2) return;
+      const outcomes = new Map((turn.earlier_attempts || []).map((item) => [item.attempt, item]));
+      const loose = [...section.querySelectorAll(":scope > .msg[data-attempt]")].filter(
+        (node) => node.dataset.kind !== "user" && Number(node.dataset.attempt) < turn.attempt,
+      );
+      for (const node of loose) {
+        const number = Number(node.dataset.attempt);
+        let fold = section.querySelector(`:scope > details[data-attempt-fold="${number}"]`);
+        if (!fold) {
+          fold = element("details", "attempt");
+          fold.dataset.attemptFold = String(number);
+          const outcome = outcomes.get(number) || { status_label: "Ended", error: "" };
+          const summary = `Attempt ${number}: ${outcome.status_label.toLowerCase()}`;
+          fold.append(element("summary", "", outcome.error ? `${summary} · ${outcome.error}` : summary));
+          node.before(fold);
+        }
+        fold.append(node);
+      }
+    }
+
     function onTurn(turn) {
       if (!latestTurn || turn.id >= latestTurn.id) latestTurn = turn;
       const section = turnSection(turn.id);
+      foldEarlierAttempts(section, turn);
       renderFooter(footerOf(section), turn);
       if (turn.id === latestTurn.id && ACTIVE.has(turn.status)) {
         // Only the latest stopped or failed turn can be retried.
