@@ -16,7 +16,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
@@ -51,8 +51,14 @@ def with_context(requests: QuerySet[ApprovalRequest]) -> list[ApprovalRequest]:
             kind__in=[Message.Kind.USER, Message.Kind.ASSISTANT],
         ).order_by("-pk")[:CONTEXT_MESSAGES]
         recent[conversation_id] = list(reversed(latest))
+    shown: set[int | None] = set()
     for request in requests:
-        request.context_messages = recent.get(request.conversation_id, [])
+        # Parallel calls of one request share one context, shown with the first card.
+        request.sibling = request.message_id is not None and request.message_id in shown
+        shown.add(request.message_id)
+        request.context_messages = (
+            [] if request.sibling else recent.get(request.conversation_id, [])
+        )
     return requests
 
 
@@ -94,20 +100,31 @@ async def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
     )
     if not await sync_to_async(approval.may_be_decided_by)(user):
         raise PermissionDenied("You may not decide this request.")
+    # The console's script asks for JSON and updates the card in place; a plain form
+    # post (no JavaScript) is sent back to the page with a message.
+    wants_json = request.get_preferred_type(["text/html", "application/json"]) == (
+        "application/json"
+    )
     form = DecisionForm(request.POST)
     if not await sync_to_async(form.is_valid)():
-        for errors in form.errors.values():
-            for error in errors:
-                await sync_to_async(messages.error)(request, error)
+        problems = [error for errors in form.errors.values() for error in errors]
+        if wants_json:
+            return JsonResponse({"error": " ".join(problems)}, status=400)
+        for problem in problems:
+            await sync_to_async(messages.error)(request, problem)
         return redirect_back(request)
     try:
         turn = await sync_to_async(approval.decide)(user, **form.cleaned_data)
     except DecisionNotAllowed as refused:
         raise PermissionDenied(str(refused)) from refused
     except (AlreadyDecided, TurnActive) as error:
+        if wants_json:
+            return JsonResponse({"error": str(error)}, status=409)
         await sync_to_async(messages.warning)(request, str(error))
         return redirect_back(request)
     await turns.publish_decision(approval, turn)
+    if wants_json:
+        return JsonResponse(await sync_to_async(approval.as_frame)())
     await sync_to_async(messages.success)(
         request, f"{approval.tool_name}: {approval.get_state_display().lower()}."
     )

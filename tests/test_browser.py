@@ -627,9 +627,15 @@ def test_an_approver_decides_in_the_console_and_the_chat_follows_live(
     assert console.page.locator("[data-console-count]").inner_text() == "1 waiting for a decision"
     card.locator("input[name=reason]").fill("Go ahead, it is stuck")
     card.locator("button[value=approve]").click()
-    console.page.wait_for_url(re.compile(r"/approvals/$"))
-    assert "restart_service: approved." in console.page.locator(".flash").inner_text()
-    assert console.page.locator(f"[data-approval-card='{approval}']").count() == 0
+    # Decided in place, no reload and no banner: the card keeps what was decided.
+    card.locator("[data-approval][data-state=approved]").wait_for()
+    assert console.page.evaluate("performance.getEntriesByType('navigation').length") == 1
+    assert console.page.locator(".flash").count() == 0
+    assert card.locator(".tool-name").inner_text() == "restart_service"
+    assert '"service": "web"' in card.locator(".tool-args").inner_text()
+    done = card.locator(".approval-record").inner_text()
+    assert "approved" in done.lower() and "by grace" in done
+    assert "Go ahead, it is stuck" in card.inner_text()
 
     # ada's page shows who decided, then the tool's result and the answer, unreloaded.
     record = chat.wait_approval("approved")

@@ -1289,3 +1289,36 @@ def test_earlier_attempts_of_a_retried_turn_are_folded_with_how_they_ended(signe
     after = html.split('data-attempt-fold="1"')[1].split("</details>", 1)[1]
     assert 'data-key="assistant:message-a2"' in after
     assert html.count("please fail</p>") == 1  # the person's words once, unfolded
+
+
+def test_parallel_calls_show_their_context_once_rendered_as_markdown(
+    client, approver, conversation
+):
+    add_message(add_turn(conversation, "Fix it"), "assistant", "**Skipped:** the cache", id="m-9")
+    _, requests = waiting_call(conversation, arguments=[{"n": 1}, {"n": 2}])
+    client.force_login(approver)
+    html = client.get(reverse("approvals")).content.decode()
+    assert html.count('class="approval-context"') == 1
+    assert "<strong>Skipped:</strong> the cache" in html and "**Skipped:**" not in html
+    assert html.count("Another call of the request above.") == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_console_decides_in_place_when_asked_for_json(approver, conversation):
+    _, [first, second] = waiting_call(conversation, arguments=[{"n": 1}, {"n": 2}])
+    client = Client()
+    client.force_login(approver)
+    url = reverse("approval_decide", args=[first.pk])
+    answer = client.post(url, {"decision": "deny", "reason": "no"}, HTTP_ACCEPT="application/json")
+    assert answer.status_code == 200
+    frame = answer.json()
+    assert frame["id"] == first.pk and frame["state"] == "denied"
+    assert "by <strong>approver</strong>" in frame["html"]
+    again = client.post(url, {"decision": "approve"}, HTTP_ACCEPT="application/json")
+    assert again.status_code == 409 and "already decided" in again.json()["error"]
+    bad = client.post(
+        reverse("approval_decide", args=[second.pk]),
+        {"decision": "answer"},
+        HTTP_ACCEPT="application/json",
+    )
+    assert bad.status_code == 400 and "Type the answer" in bad.json()["error"]

@@ -166,27 +166,67 @@
       if (!card) return;
       arm(card);
       card.classList.add("is-new");
+      // A parallel call of a request already shown: its context is up there once.
+      const request = card.dataset.request;
+      if (request && list.querySelector(`[data-request="${attr(request)}"]`)) {
+        const context = card.querySelector(".approval-context");
+        if (context) context.replaceWith(element("p", "approval-sibling", "Another call of the request above."));
+      }
       list.prepend(card);
       if (empty) empty.hidden = true;
+    }
+
+    // A decided card keeps the tool and its arguments; the form gives way to the
+    // record of who decided what, when and why.
+    function showDecided(card, html) {
+      const record = parseHTML(html).firstElementChild;
+      const slot = card.querySelector(".approval-slot");
+      if (!record || !slot) return;
+      localTimes(record);
+      slot.replaceChildren(record);
+      card.classList.add("is-decided");
     }
 
     function decided(frame) {
       const card = list && list.querySelector(`[data-approval-card="${attr(frame.id)}"]`);
       if (!card || card.classList.contains("is-decided")) return;
-      const record = parseHTML(frame.html).querySelector(".approval-record");
-      const note = element("div", "approval-card-done");
-      if (record) note.append(record);
-      else note.textContent = `Decided by ${frame.by || "someone"}.`;
-      localTimes(note);
-      card.classList.add("is-decided");
-      card.replaceChildren(note);
-      window.setTimeout(() => {
-        card.classList.add("is-leaving");
-        window.setTimeout(() => {
-          card.remove();
-          if (empty && !list.children.length) empty.hidden = false;
-        }, 400);
-      }, 4000);
+      showDecided(card, frame.html);
+    }
+
+    // Deciding in the console: posted in the background, the card updated in place.
+    async function decideInPlace(form, submitter) {
+      const card = form.closest("[data-approval-card]");
+      const body = new URLSearchParams(new FormData(form, submitter));
+      const error = form.querySelector("[data-approval-error]");
+      if (error) error.hidden = true;
+      form.classList.add("is-deciding");
+      try {
+        const response = await fetch(form.action, {
+          method: "POST",
+          body,
+          credentials: "same-origin",
+          headers: { "X-CSRFToken": csrfToken(), Accept: "application/json" },
+        });
+        const answer = await response.json().catch(() => ({}));
+        if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
+        if (card) showDecided(card, answer.html);
+      } catch (problem) {
+        if (error) {
+          error.textContent = problem.message;
+          error.hidden = false;
+        }
+      } finally {
+        form.classList.remove("is-deciding");
+      }
+    }
+
+    if (list) {
+      list.addEventListener("submit", (event) => {
+        const form = event.target.closest("form[data-decide]");
+        if (!form) return;
+        event.preventDefault();
+        decideInPlace(form, event.submitter);
+      });
     }
 
     if (consolePage) consolePage.querySelectorAll("[data-approval-card]").forEach(arm);
