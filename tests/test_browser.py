@@ -964,12 +964,14 @@ def test_screenshots_of_approvals_questions_images_groups_and_settings(
     approval = form.get_attribute("data-decide")
     form.locator("input[name=reason]").fill("Wait until the backup finishes")
     form.locator("button[value=deny]").click()
-    # The console, open elsewhere, shows who decided, then lets the card go.
+    # The console, open elsewhere, shows who decided, and keeps what was decided.
     done = console.page.locator(f"[data-approval-card='{approval}'].is-decided")
     done.wait_for()
     assert "Denied" in done.text_content() and "by tour" in done.text_content()
-    if name == "desktop-light":  # once is enough: it takes a few seconds to read
-        done.wait_for(state="detached")
+    assert "Wait until the backup finishes" in done.text_content()
+    assert done.locator(".tool-args").count() == 1
+    if name == "desktop-light":
+        console.screenshot(f"console-decided-{name}")
     chat.wait_turn("completed", turns=2)
     chat.page.locator(".approval-record").last.scroll_into_view_if_needed()
     chat.screenshot(f"approval-record-{name}")
