@@ -45,7 +45,12 @@ POSTGRES_PORT = 55432
 REDIS_PORT = 56379
 PGSERVER = "pgserver==0.1.4"  # its wheel carries PostgreSQL 16.2 with pgvector 0.6.2
 POSTGRES_USER = "nobody"  # PostgreSQL refuses to run as root
-LETTA_PG_URI = f"postgresql://letta:letta@{HOST}:{POSTGRES_PORT}/letta"
+
+
+def pg_uri(port: int) -> str:
+    return f"postgresql://letta:letta@{HOST}:{port}/letta"
+
+
 HEALTH_TIMEOUT = 240.0  # seconds; 12-25 s alone, longer while the other release installs
 
 TRANSFER_FUNDS_SOURCE = '''\
@@ -282,21 +287,34 @@ class Testbed:
                     f"there is no '{POSTGRES_USER}' user to run PostgreSQL"
                 ) from error
 
-    def claim_port(self, port: int, what: str) -> None:
-        """Free a fixed port held by a testbed left running, or say who holds it.
+    def port(self, name: str, preferred: int) -> int:
+        """The port a testbed service listens on: the one it was last given, else its
+        usual one."""
+        return self.state.get("ports", {}).get(name, preferred)
 
-        CI runs in a fresh clone on the machine a developer used: that checkout's testbed
-        may still hold the ports, and two testbeds cannot share them.
-        """
-        if not port_in_use(port):
-            return
-        pid = listener_pid(port)
-        other = testbed_of(pid) if pid else None
-        if other is None:
-            raise TestbedError(
-                f"port {port}, needed for {what}, is taken by a process that is not a testbed "
-                f"(pid {pid or 'unknown'}); stop it and run `manage.py testbed up` again"
-            )
+    def claim_port(self, name: str, preferred: int, what: str) -> int:
+        """The port for a service about to start: its port, freed from a testbed left
+        running (CI runs in a fresh clone on the machine a developer used, whose testbed
+        may hold it), or, when another program holds it, a free port instead, so the
+        testbed runs beside any other Letta, PostgreSQL or Redis on the machine."""
+        port = self.port(name, preferred)
+        if port_in_use(port):
+            pid = listener_pid(port)
+            other = testbed_of(pid) if pid else None
+            if other is None:
+                chosen = free_port()
+                self.say(
+                    f"port {port}, usual for {what}, is taken by another program "
+                    f"(pid {pid or 'unknown'}): using {chosen}"
+                )
+                port = chosen
+            else:
+                self.free_from_testbed(port, pid, other, what)
+        self.remember("ports", **{name: port})
+        return port
+
+    def free_from_testbed(self, port: int, pid: int, other: Path, what: str) -> None:
+        """Stop the testbed (or leftover testbed process) that holds the port."""
         if other.resolve() != self.root.resolve() and (other / "state.json").exists():
             self.say(f"port {port} is held by the testbed in {other}: stopping that testbed")
             Testbed(root=other, say=self.say).down()
@@ -493,7 +511,7 @@ class Testbed:
                 "-h",
                 HOST,
                 "-p",
-                str(POSTGRES_PORT),
+                str(self.port("postgres", POSTGRES_PORT)),
                 "-U",
                 "postgres",
                 "-d",
@@ -512,7 +530,7 @@ class Testbed:
 
     def start_postgres(self) -> None:
         if not self.postgres_pid():
-            self.claim_port(POSTGRES_PORT, "PostgreSQL")
+            port = self.claim_port("postgres", POSTGRES_PORT, "PostgreSQL")
             log = self.logs / "postgres.log"
             log.touch()
             self.hand_to_postgres_user(log)
@@ -528,6 +546,9 @@ class Testbed:
                         "-w",
                         "-t",
                         "60",
+                        # The port chosen now wins over the one initdb wrote down.
+                        "-o",
+                        f"-p {port}",
                         "start",
                     ]
                 ),
@@ -539,7 +560,8 @@ class Testbed:
         if self.psql("select 1 from pg_database where datname = 'letta'") != "1":
             self.psql("create database letta owner letta")
         self.psql("create extension if not exists vector", database="letta")
-        self.remember("postgres", port=POSTGRES_PORT, pid=self.postgres_pid(), uri=LETTA_PG_URI)
+        port = self.port("postgres", POSTGRES_PORT)
+        self.remember("postgres", port=port, pid=self.postgres_pid(), uri=pg_uri(port))
 
     def redis_pid(self) -> int | None:
         try:
@@ -551,7 +573,7 @@ class Testbed:
     def start_redis(self) -> None:
         """A private Redis for background runs; the machine's own one on 6379 is left alone."""
         if not self.redis_pid():
-            self.claim_port(REDIS_PORT, "Redis")
+            port = self.claim_port("redis", REDIS_PORT, "Redis")
             folder = self.root / "redis"
             folder.mkdir(parents=True, exist_ok=True)
             self.say("[redis] starting")
@@ -561,7 +583,7 @@ class Testbed:
                     "--bind",
                     HOST,
                     "--port",
-                    str(REDIS_PORT),
+                    str(port),
                     "--save",
                     "",
                     "--appendonly",
@@ -585,7 +607,7 @@ class Testbed:
                 raise TestbedError(
                     f"redis-server did not start\n{log_tail(self.logs / 'redis.log')}"
                 )
-        self.remember("redis", port=REDIS_PORT, pid=self.redis_pid())
+        self.remember("redis", port=self.port("redis", REDIS_PORT), pid=self.redis_pid())
 
     # -- the scripted model --------------------------------------------------------
 
@@ -649,9 +671,9 @@ class Testbed:
         }
         if release.postgres:
             environment |= {
-                "LETTA_PG_URI": LETTA_PG_URI,
+                "LETTA_PG_URI": pg_uri(self.port("postgres", POSTGRES_PORT)),
                 "LETTA_REDIS_HOST": HOST,
-                "LETTA_REDIS_PORT": str(REDIS_PORT),
+                "LETTA_REDIS_PORT": str(self.port("redis", REDIS_PORT)),
             }
         cache = self.tiktoken_cache(release)
         if cache is not None:
@@ -677,8 +699,11 @@ class Testbed:
         environment = self.letta_environment(release, llm_url)
         return hashlib.sha256(json.dumps(environment, sort_keys=True).encode()).hexdigest()[:16]
 
+    def letta_port(self, release: Release) -> int:
+        return self.port(f"letta-{release.version}", release.port)
+
     def base_url(self, release: Release) -> str:
-        return f"http://{HOST}:{release.port}"
+        return f"http://{HOST}:{self.letta_port(release)}"
 
     def start_letta(self, release: Release, llm_url: str) -> None:
         """Start the release's server, or keep the one running if it uses this model."""
@@ -699,7 +724,7 @@ class Testbed:
             else:
                 self.say(f"[{release.version}] restarting: its environment changed")
             stop_process_group(known["pid"], venv)
-        self.claim_port(release.port, f"Letta {release.version}")
+        self.claim_port(f"letta-{release.version}", release.port, f"Letta {release.version}")
         self.say(f"[{release.version}] starting letta server on {self.base_url(release)}")
         started = time.monotonic()
         with log.open("ab") as output:
@@ -710,7 +735,7 @@ class Testbed:
                     "--host",
                     HOST,
                     "--port",
-                    str(release.port),
+                    str(self.letta_port(release)),
                 ],
                 cwd=self.root / f"home-{release.version}",
                 env=self.letta_environment(release, llm_url),
@@ -722,7 +747,7 @@ class Testbed:
         self.remember_server(
             release,
             pid=process.pid,
-            port=release.port,
+            port=self.letta_port(release),
             llm_url=llm_url,
             environment=digest,
             base_url=self.base_url(release),
@@ -936,12 +961,16 @@ class Testbed:
         report["llm"] = {"url": llm.get("url"), "running": bool(pid), "rss_mb": resident_mb(pid)}
         pid = self.postgres_pid()
         report["postgres"] = {
-            "port": POSTGRES_PORT,
+            "port": self.port("postgres", POSTGRES_PORT),
             "running": bool(pid),
             "rss_mb": resident_mb(pid),
         }
         pid = self.redis_pid()
-        report["redis"] = {"port": REDIS_PORT, "running": bool(pid), "rss_mb": resident_mb(pid)}
+        report["redis"] = {
+            "port": self.port("redis", REDIS_PORT),
+            "running": bool(pid),
+            "rss_mb": resident_mb(pid),
+        }
         for release in RELEASES:
             server = state.get("letta", {}).get(release.version, {})
             pid = (
