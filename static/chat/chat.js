@@ -56,6 +56,19 @@
     return cookie ? decodeURIComponent(cookie.slice("csrftoken=".length)) : "";
   }
 
+  // Data posted as the page's own request (CSRF header), answered in JSON: the response
+  // and its JSON body ({} when it is not JSON).
+  async function postForJson(url, body) {
+    const response = await fetch(url, {
+      method: "POST",
+      body,
+      credentials: "same-origin",
+      headers: { "X-CSRFToken": csrfToken(), Accept: "application/json" },
+    });
+    const answer = await response.json().catch(() => ({}));
+    return { response, answer };
+  }
+
   function socketUrl(path) {
     const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
     return `${scheme}//${window.location.host}${path}`;
@@ -201,13 +214,7 @@
       if (error) error.hidden = true;
       form.classList.add("is-deciding");
       try {
-        const response = await fetch(form.action, {
-          method: "POST",
-          body,
-          credentials: "same-origin",
-          headers: { "X-CSRFToken": csrfToken(), Accept: "application/json" },
-        });
-        const answer = await response.json().catch(() => ({}));
+        const { response, answer } = await postForJson(form.action, body);
         if (!response.ok) throw new Error(answer.error || `HTTP ${response.status}`);
         if (card) showDecided(card, answer.html);
       } catch (problem) {
@@ -1131,13 +1138,7 @@
       body.append("file", image.file, image.file.name);
       let problem = "";
       try {
-        const response = await fetch(config.uploadUrl, {
-          method: "POST",
-          body,
-          credentials: "same-origin",
-          headers: { "X-CSRFToken": csrfToken(), Accept: "application/json" },
-        });
-        const answer = await response.json().catch(() => ({}));
+        const { response, answer } = await postForJson(config.uploadUrl, body);
         if (response.status === 201 && answer.id) image.id = answer.id;
         else problem = answer.error || `${image.file.name} could not be attached (HTTP ${response.status}).`;
       } catch (error) {
@@ -1254,14 +1255,9 @@
       const body = new URLSearchParams({ rating, comment: comment ? comment.value : "" });
       form.classList.add("is-saving");
       try {
-        const response = await fetch(form.action, {
-          method: "POST",
-          body,
-          credentials: "same-origin",
-          headers: { "X-CSRFToken": csrfToken(), Accept: "application/json" },
-        });
+        const { response, answer } = await postForJson(form.action, body);
         if (!response.ok) throw new Error(`HTTP ${response.status}`);
-        showFeedback(form, await response.json());
+        showFeedback(form, answer);
       } catch (error) {
         toast(`Your feedback could not be saved (${error.message}).`);
       } finally {
