@@ -219,10 +219,9 @@ async def test_an_approval_decided_on_one_worker_resumes_the_stream_watched_on_t
     assert "Tool said:" in html
 
 
-async def test_the_agent_lock_holds_across_workers(workers, people, demo):
-    """On an agent's shared thread (a server without conversations), one turn at a time."""
-    a, b = workers
-    demo.config(token_delay=0.03, conversations=False)
+async def ada_and_grace_send_at_once(a, b, people) -> tuple[list[dict], list[dict]]:
+    """Ada on worker a and Grace on worker b, each in a new chat with Echo, send at the
+    same instant: the frames each sees up to the end of their turn."""
     first = await conversation_for(a, people["ada"])
     second = await conversation_for(b, people["grace"])
     async with (
@@ -235,9 +234,14 @@ async def test_the_agent_lock_holds_across_workers(workers, people, demo):
             on_a.send(json.dumps({"type": "send", "text": "/tokens 20"})),
             on_b.send(json.dumps({"type": "send", "text": "/tokens 20"})),
         )
-        frames_a, frames_b = await asyncio.gather(
-            frames_until(on_a, turn_ended), frames_until(on_b, turn_ended)
-        )
+        return await asyncio.gather(frames_until(on_a, turn_ended), frames_until(on_b, turn_ended))
+
+
+async def test_the_agent_lock_holds_across_workers(workers, people, demo):
+    """On an agent's shared thread (a server without conversations), one turn at a time."""
+    a, b = workers
+    demo.config(token_delay=0.03, conversations=False)
+    frames_a, frames_b = await ada_and_grace_send_at_once(a, b, people)
 
     statuses = [
         [f["turn"]["status"] for f in frames if f["type"] == "turn"]
@@ -256,21 +260,7 @@ async def test_chats_with_their_own_conversations_stream_at_once_across_workers(
 ):
     a, b = workers
     demo.config(token_delay=0.03)
-    first = await conversation_for(a, people["ada"])
-    second = await conversation_for(b, people["grace"])
-    async with (
-        browser(a, first, people["ada"]) as on_a,
-        browser(b, second, people["grace"]) as on_b,
-    ):
-        await synced(on_a)
-        await synced(on_b)
-        await asyncio.gather(
-            on_a.send(json.dumps({"type": "send", "text": "/tokens 20"})),
-            on_b.send(json.dumps({"type": "send", "text": "/tokens 20"})),
-        )
-        frames_a, frames_b = await asyncio.gather(
-            frames_until(on_a, turn_ended), frames_until(on_b, turn_ended)
-        )
+    frames_a, frames_b = await ada_and_grace_send_at_once(a, b, people)
     for frames in (frames_a, frames_b):
         statuses = [f["turn"]["status"] for f in frames if f["type"] == "turn"]
         assert "queued" not in statuses and statuses[-1] == "completed"
