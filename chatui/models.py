@@ -242,7 +242,7 @@ class Turn(models.Model):
     # Stop reasons that tell the person something, in words; the others (end_turn, ...)
     # are how a reply normally ends, and stay in the footer's tooltip and the admin.
     REASON_WORDS = {
-        "requires_approval": "Waiting for a decision",
+        "requires_approval": "Asked for a decision",
         "max_steps": "Stopped at the step limit",
         "max_tokens_exceeded": "Cut off at the length limit",
         "context_window_overflow_in_system_prompt": "Too long for the model's context",

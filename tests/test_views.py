@@ -1256,7 +1256,7 @@ def test_a_stop_reason_that_tells_something_is_said_in_words(signed_in, conversa
     assert turn.as_frame()["reason_label"] == "Stopped at the step limit"
     add_turn(conversation, "more", stop_reason="requires_approval")
     html = signed_in.get(reverse("conversation", args=[conversation.pk])).content.decode()
-    assert '<span class="turn-reason">Waiting for a decision</span>' in html
+    assert '<span class="turn-reason">Asked for a decision</span>' in html
 
 
 def test_a_letta_that_never_answers_does_not_hold_the_new_chat_page(signed_in, demo, settings):
