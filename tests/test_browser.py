@@ -1194,3 +1194,33 @@ def test_a_retried_reply_folds_the_failed_attempt(chat, demo):
     chat.page.reload()
     chat.wait_connected()
     assert chat.last_turn().locator("details.attempt .msg-assistant").count() == 1
+
+
+def test_copy_a_message_and_a_code_block(open_chat, chromium, demo):
+    chat = open_chat()
+    chat.page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    chat.start(SAGE)
+    chat.send("garden plans")
+    chat.wait_turn("completed")
+    answer = chat.last_turn().locator(".msg-assistant").last
+    answer.hover()
+    answer.locator("[data-copy-message]").click()
+    answer.locator("[data-copy-message].is-copied").wait_for()
+    assert "Copied" in answer.locator("[data-copy-message]").inner_text()
+    assert chat.page.locator("[data-announcer]").inner_text() == "Copied to the clipboard."
+    copied = chat.page.evaluate("navigator.clipboard.readText()")
+    stored = chat.page.evaluate(
+        "(el) => el.querySelector('template[data-copy-source]').content.textContent",
+        answer.element_handle(),
+    )
+    assert copied == stored and "```python" in copied  # the markdown, not the page's text
+    block = answer.locator(".code-block").first
+    assert block.locator(".code-lang").inner_text() == "python"
+    block.locator("[data-copy-code]").click()
+    code = chat.page.evaluate("navigator.clipboard.readText()")
+    assert code == block.locator("pre").inner_text() and "def plan" in code
+    mine = chat.last_turn().locator(".msg-user").last
+    mine.hover()
+    mine.locator("[data-copy-message]").click()
+    assert chat.page.evaluate("navigator.clipboard.readText()") == "garden plans"
+    chat.screenshot("copy-desktop-light")

@@ -69,6 +69,82 @@
     return { response, answer };
   }
 
+  // -- copying: a message as its markdown, a code block as its code --------------------
+
+  const COPY_ICON =
+    '<svg viewBox="0 0 24 24" aria-hidden="true"><rect x="9" y="9" width="11" height="11" rx="2"/><path d="M5 15V6a2 2 0 0 1 2-2h9"/></svg>';
+
+  async function copyText(text) {
+    if (navigator.clipboard && window.isSecureContext) {
+      await navigator.clipboard.writeText(text);
+      return;
+    }
+    // Plain HTTP on another host has no Clipboard API: the old way, from a hidden field.
+    const field = element("textarea", "visually-hidden");
+    field.value = text;
+    document.body.append(field);
+    field.select();
+    const done = document.execCommand("copy");
+    field.remove();
+    if (!done) throw new Error("the browser refused");
+  }
+
+  function copied(button, ok) {
+    const label = button.querySelector(".copy-label");
+    const before = label ? label.textContent : "";
+    if (label) label.textContent = ok ? "Copied" : "Not copied";
+    button.classList.add(ok ? "is-copied" : "is-not-copied");
+    const announcer = document.querySelector("[data-announcer]");
+    if (announcer) announcer.textContent = ok ? "Copied to the clipboard." : "Could not copy.";
+    window.setTimeout(() => {
+      if (label) label.textContent = before;
+      button.classList.remove("is-copied", "is-not-copied");
+    }, 2000);
+  }
+
+  function setupCopy() {
+    document.addEventListener("click", async (event) => {
+      const button = event.target.closest("[data-copy-message], [data-copy-code]");
+      if (!button) return;
+      event.preventDefault();
+      let text = "";
+      if (button.matches("[data-copy-code]")) {
+        const code = button.closest(".code-block").querySelector("pre code, pre");
+        text = code ? code.textContent : "";
+      } else {
+        const source = button.closest(".msg").querySelector("template[data-copy-source]");
+        text = source ? source.content.textContent : "";
+      }
+      try {
+        await copyText(text);
+        copied(button, true);
+      } catch (error) {
+        copied(button, false);
+      }
+    });
+  }
+
+  // Every code block of a finished answer gets a head: its language, and Copy.
+  function decorateCode(root) {
+    root.querySelectorAll(".msg:not(.is-streaming) .md pre").forEach((pre) => {
+      if (pre.parentElement.classList.contains("code-block")) return;
+      const block = element("div", "code-block");
+      const head = element("div", "code-head");
+      const code = pre.querySelector("code[class*='language-']");
+      const language = code ? code.className.match(/language-([\w+#.-]+)/) : null;
+      head.append(element("span", "code-lang", language ? language[1] : "code"));
+      const button = element("button", "copy-button");
+      button.type = "button";
+      button.dataset.copyCode = "";
+      button.setAttribute("aria-label", `Copy the ${language ? language[1] : ""} code`.replace("  ", " "));
+      button.innerHTML = COPY_ICON;
+      button.append(element("span", "copy-label", "Copy"));
+      head.append(button);
+      pre.before(block);
+      block.append(head, pre);
+    });
+  }
+
   function socketUrl(path) {
     const scheme = window.location.protocol === "https:" ? "wss:" : "ws:";
     return `${scheme}//${window.location.host}${path}`;
@@ -511,6 +587,7 @@
       const node = parseHTML(message.html).firstElementChild;
       if (!node) return;
       localTimes(node);
+      decorateCode(node);
       const shown = transcript.querySelector(`.msg[data-id="${attr(message.id)}"]`);
       if (shown) {
         // A stored message brought up to date (after a Stop, Letta may send one last
@@ -1441,6 +1518,7 @@
         if (!response.ok) throw new Error(`HTTP ${response.status}`);
         const fragment = parseHTML(await response.text());
         localTimes(fragment);
+        decorateCode(fragment);
         if (olderObserver) olderObserver.unobserve(marker);
         const height = scroller.scrollHeight;
         const top = scroller.scrollTop;
@@ -1490,6 +1568,8 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     setupFlash();
+    setupCopy();
+    decorateCode(document);
     setupDrawer();
     setupConfirms();
     ApprovalsFeed();
