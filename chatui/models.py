@@ -13,6 +13,7 @@ import uuid
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.signals import user_logged_in
 from django.db import IntegrityError, models, transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -1081,6 +1082,56 @@ class MissingBlocks(Exception):
             "must correct its per-person memory blocks before new chats can start."
         )
         self.missing = missing
+
+
+class Preferences(models.Model):
+    """What one person chose for how chatui looks to them, on every device."""
+
+    class Theme(models.TextChoices):
+        SYSTEM = "system", "System"
+        LIGHT = "light", "Light"
+        DARK = "dark", "Dark"
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="preferences"
+    )
+    theme = models.CharField(max_length=10, choices=Theme, default=Theme.SYSTEM)
+
+    class Meta:
+        verbose_name_plural = "preferences"
+
+    def __str__(self) -> str:
+        return f"{self.user}: {self.get_theme_display()}"
+
+    SESSION_KEY = "chatui_theme"
+
+    @classmethod
+    def theme_for(cls, request: Any) -> str:
+        """The signed-in person's theme, kept in their session once read (pages ask on
+        every request; the database is asked once per session)."""
+        user = getattr(request, "user", None)
+        if user is None or not user.is_authenticated:
+            return cls.Theme.SYSTEM
+        theme = request.session.get(cls.SESSION_KEY)
+        if theme is None:
+            found = cls.objects.filter(user=user).values_list("theme", flat=True).first()
+            theme = request.session[cls.SESSION_KEY] = found or cls.Theme.SYSTEM
+        return theme
+
+    @classmethod
+    def choose_theme(cls, request: Any, theme: str) -> None:
+        cls.objects.update_or_create(user=request.user, defaults={"theme": theme})
+        request.session[cls.SESSION_KEY] = theme
+
+    @classmethod
+    def remember_at_login(cls, sender: Any, request: Any, user: Any, **kwargs: Any) -> None:
+        """Signing in reads the theme into the session, so pages never ask for it."""
+        if request is not None and hasattr(request, "session"):
+            found = cls.objects.filter(user=user).values_list("theme", flat=True).first()
+            request.session[cls.SESSION_KEY] = found or cls.Theme.SYSTEM
+
+
+user_logged_in.connect(Preferences.remember_at_login, dispatch_uid="chatui-theme-at-login")
 
 
 class Feedback(models.Model):

@@ -98,7 +98,10 @@ def render_json(value: Any) -> SafeString:
 
 
 def code_css() -> str:
-    """The stylesheet for highlighted code, light and dark."""
+    """The stylesheet for highlighted code: light, and dark when chosen (`data-theme` on
+    <html>) or when the system is dark and nothing else was chosen."""
     light = HtmlFormatter(style="default", classprefix="hl-").get_style_defs(".md")
-    dark = HtmlFormatter(style="monokai", classprefix="hl-").get_style_defs(".md")
-    return f"{light}\n@media (prefers-color-scheme: dark) {{\n{dark}\n}}\n"
+    dark = HtmlFormatter(style="monokai", classprefix="hl-")
+    chosen = dark.get_style_defs(':root[data-theme="dark"] .md')
+    system = dark.get_style_defs(':root:not([data-theme="light"]) .md')
+    return f"{light}\n{chosen}\n@media (prefers-color-scheme: dark) {{\n{system}\n}}\n"

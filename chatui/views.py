@@ -19,6 +19,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonR
 from django.shortcuts import get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
+from django.utils.functional import SimpleLazyObject
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
 from chatui.forms import (
@@ -35,6 +37,7 @@ from chatui.models import (
     Conversation,
     Feedback,
     Message,
+    Preferences,
     Target,
     TargetKind,
 )
@@ -415,3 +418,26 @@ def attachment(request: HttpRequest, attachment_id: int) -> HttpResponse:
     response["Content-Disposition"] = "inline"
     response["Cache-Control"] = "private, max-age=86400"
     return response
+
+
+def theme(request: HttpRequest) -> dict[str, Any]:
+    """Template context: the theme to paint the page in from its first byte (no flash)."""
+    # Lazy: only pages that paint it (not the admin's) ask, once per session.
+    return {
+        "theme": SimpleLazyObject(lambda: Preferences.theme_for(request)),
+        "theme_choices": Preferences.Theme.choices,
+    }
+
+
+@login_required
+@require_POST
+def choose_theme(request: HttpRequest) -> HttpResponse:
+    """Light, dark or as the system: stored for the person, applied from the next page."""
+    chosen = request.POST.get("theme", "")
+    if chosen not in Preferences.Theme.values:
+        return HttpResponseBadRequest("Choose system, light or dark.")
+    Preferences.choose_theme(request, chosen)
+    target = request.POST.get("next") or reverse("home")
+    if not url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
+        target = reverse("home")
+    return redirect(target)

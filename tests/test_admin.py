@@ -363,6 +363,7 @@ def test_grant_reviewer_makes_a_group_with_only_view_permissions(reviewer):
             "worker",
             "agentlock",
             "target",
+            "preferences",
         ]
     }
     assert set(group.permissions.values_list("content_type__app_label", flat=True)) == {"chatui"}

@@ -1224,3 +1224,20 @@ def test_copy_a_message_and_a_code_block(open_chat, chromium, demo):
     mine.locator("[data-copy-message]").click()
     assert chat.page.evaluate("navigator.clipboard.readText()") == "garden plans"
     chat.screenshot("copy-desktop-light")
+
+
+def test_a_chosen_dark_theme_paints_dark_on_a_light_system(open_chat):
+    chat = open_chat(color_scheme="light")
+    chat.start(ECHO)
+    page = chat.page
+    page.click(".theme-option[value=dark]")
+    page.wait_for_load_state()
+    # Painted dark by the server's markup itself: no script runs before the first paint.
+    raw = page.request.get(page.url).text()
+    assert '<html lang="en" data-theme="dark">' in raw
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(23, 24, 28)", background  # --bg in dark
+    chat.screenshot("theme-dark-chosen-desktop")
+    page.click(".theme-option[value=system]")
+    page.wait_for_load_state()
+    assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(255, 255, 255)"

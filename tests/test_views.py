@@ -1322,3 +1322,37 @@ def test_the_console_decides_in_place_when_asked_for_json(approver, conversation
         HTTP_ACCEPT="application/json",
     )
     assert bad.status_code == 400 and "Type the answer" in bad.json()["error"]
+
+
+def test_a_chosen_theme_is_kept_for_the_person_and_painted_from_the_first_byte(user, demo):
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(user)
+    page = browser.get(reverse("new_conversation")).content.decode()
+    assert page.startswith('<!doctype html>\n<html lang="en">')  # as the system
+    assert '<meta name="color-scheme" content="light dark">' in page
+    token = browser.cookies["csrftoken"].value
+    assert browser.post(reverse("choose_theme"), {"theme": "dark"}).status_code == 403
+    response = browser.post(
+        reverse("choose_theme"),
+        {"theme": "dark", "next": "/new/", "csrfmiddlewaretoken": token},
+    )
+    assert response.status_code == 302 and response["Location"] == "/new/"
+    page = browser.get(reverse("new_conversation")).content.decode()
+    assert page.startswith('<!doctype html>\n<html lang="en" data-theme="dark">')
+    assert '<meta name="color-scheme" content="dark">' in page
+    assert 'value="dark" aria-pressed="true"' in page
+    # Another device of the same person: the same theme.
+    other = Client()
+    other.force_login(user)
+    assert 'data-theme="dark"' in other.get(reverse("new_conversation")).content.decode()
+    bad = browser.post(reverse("choose_theme"), {"theme": "neon", "csrfmiddlewaretoken": token})
+    assert bad.status_code == 400
+
+
+def test_the_code_stylesheet_is_what_the_renderer_generates():
+    from pathlib import Path
+
+    from chatui.rendering import code_css
+
+    stylesheet = Path(__file__).resolve().parent.parent / "static" / "chat" / "code.css"
+    assert stylesheet.read_text().endswith(code_css())
