@@ -372,11 +372,7 @@ class ConversationOptionsForm(forms.Form):
 async def fetch_choices() -> list[tuple[str, str]]:
     """Every agent and group on the Letta server, as (id, "Name (kind)") choices."""
     async with LettaClient.from_settings(for_page=True) as client:
-        agents = await client.list_agents()
-        try:
-            groups = await client.list_groups()
-        except LettaHTTPError:
-            groups = []
+        agents, groups = await client.list_targets()
     names = {agent.id: agent.name or agent.id for agent in agents}
     choices = [(agent.id, f"{names[agent.id]} (agent)") for agent in agents]
     for group in groups:

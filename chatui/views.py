@@ -29,7 +29,7 @@ from chatui.forms import (
     RenameConversationForm,
     group_name,
 )
-from chatui.letta.client import LettaClient, LettaError, LettaHTTPError, Thread
+from chatui.letta.client import LettaClient, LettaError, Thread
 from chatui.letta.schemas import Agent, Group
 from chatui.models import (
     ApprovalRequest,
@@ -95,12 +95,7 @@ def owner_feedback(conversation: Conversation) -> Prefetch:
 async def fetch_targets() -> tuple[list[Agent], list[Group], bool | None]:
     """The server's agents and groups, and whether it has conversations (None: unknown)."""
     async with LettaClient.from_settings(for_page=True) as client:
-        agents = await client.list_agents()
-        try:
-            groups = await client.list_groups()
-        except LettaHTTPError:
-            # Groups are a bonus: a server (or proxy) that refuses them still has agents.
-            groups = []
+        agents, groups = await client.list_targets()
         private = await client.has_conversations(agents[0].id) if agents else None
         return agents, groups, private
 

@@ -902,3 +902,11 @@ async def test_a_stream_assembles_end_to_end(upstream, letta):
             completed += [u.message for u in assembler.feed(event) if isinstance(u, Completed)]
     (request,) = completed
     assert json.loads(request.tool_calls[0].arguments) == {"amount": 500, "to_account": "acct-500"}
+
+
+async def test_targets_are_the_agents_even_when_groups_are_refused(upstream, letta):
+    agents = fake_agents(2)
+    upstream.on("GET", "/v1/agents/", paged(agents))
+    # No /v1/groups/ route here: the upstream answers 404 Not Found.
+    listed, groups = await letta.list_targets()
+    assert [a.id for a in listed] == [a["id"] for a in agents] and groups == []

@@ -481,6 +481,16 @@ class LettaClient:
     async def list_groups(self) -> list[Group]:
         return [Group.model_validate(item) for item in await self._list_paged("/v1/groups/")]
 
+    async def list_targets(self) -> tuple[list[Agent], list[Group]]:
+        """Every agent and group; groups are a bonus: a server (or proxy) that refuses
+        them still has agents."""
+        agents = await self.list_agents()
+        try:
+            groups = await self.list_groups()
+        except LettaHTTPError:
+            groups = []
+        return agents, groups
+
     async def get_group(self, group_id: str) -> Group:
         validate_group_id(group_id)
         return Group.model_validate(await self._json("GET", f"/v1/groups/{group_id}"))
