@@ -454,7 +454,7 @@ class TargetForm(forms.ModelForm):
                 params={"detail": str(error)},
             ) from None
         if not cleaned.get("default_memory"):
-            named = [p.strip() for p in cleaned.get("isolated_blocks", "").split(",") if p.strip()]
+            named = Target(isolated_blocks=cleaned.get("isolated_blocks", "")).block_labels
             missing = [label for label in named if label not in agent.block_labels]
             if missing:
                 self.add_error(
