@@ -785,9 +785,9 @@ class TurnRun:
         if not self.escaped or self.client is None or self.stop_requested:
             return
         members = {m.get("name"): m.get("id") for m in self.conversation.members or []}
+        group = self.conversation.target_kind == TargetKind.GROUP
         threads: dict[Thread, set[str]] = {}
         for letta_id, speaker in self.escaped.items():
-            group = self.conversation.target_kind == TargetKind.GROUP
             thread = Thread(members.get(speaker, "")) if group else self.thread
             if thread.agent_id and letta_id:
                 threads.setdefault(thread, set()).add(letta_id)
