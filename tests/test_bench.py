@@ -72,6 +72,25 @@ def test_the_quick_bench_prints_every_row_with_sane_numbers(tmp_path):
     one_agent = "5 conv., all on ONE agent (a Letta conversation each), 20 tokens/s each"
     check_relay_rows(table, [one_agent], targets=2)
     assert table[f"events/s, {one_agent}"][2] == "–"
+    # Time to first token, from each send, for every paced round.
+    for load, targets in (("1 conv., 20 tokens/s each", 3), ("5 conv., 20 tokens/s each", 3)):
+        row = table[f"time to first token p50 / p99 ms, {load}"]
+        for cell in row[:targets]:
+            p50, p99 = numbers(cell)
+            # The paced upstream waits one pace (50 ms) before its first token.
+            assert 40 <= p50 <= p99 < 60_000, (load, row)
+    assert table["time to first token p50 / p99 ms, 1 conv., 20 tokens/s each"][5] == (
+        "p50 ≤ bare + 10 ms"
+    )
+    assert table["time to first token p50 / p99 ms, 5 conv., 20 tokens/s each"][5] == (
+        "p99 ≤ bare + 250 ms"
+    )
+    capacity = table[
+        "capacity: conversations at 20 tokens/s one worker holds (every token, p99 ≤ 100 ms)"
+    ]
+    for cell in capacity[:2]:
+        [held] = numbers(cell)
+        assert 1 <= held <= 8, capacity
     short = numbers(table["database writes per turn, 10-token reply"][0])
     long = numbers(table["database writes per turn, 1,000-token reply"][0])
     assert 3 <= short[0] <= 50 and long == short
@@ -125,3 +144,34 @@ def test_a_round_reports_its_median_run():
     assert median_run(runs) is runs[2]
     assert median_run(runs[:2]) is runs[0]  # of two, the slower
     assert median_run(runs[:1]) is runs[0]
+
+
+def test_the_capacity_search_doubles_then_bisects():
+    import asyncio
+
+    from chatui.bench.clients import Relayed
+    from chatui.bench.run import capacity
+
+    def probe_up_to(limit: int):
+        asked = []
+
+        async def probe(count: int) -> Relayed:
+            asked.append(count)
+            p99 = 50.0 if count <= limit else 150.0  # holds up to `limit`
+            return Relayed("chatui", count, 0.05, count * 10, count * 10, 1.0, 1.0, p99)
+
+        return probe, asked
+
+    probe, asked = probe_up_to(300)
+    held, probes = asyncio.run(capacity(50, 1600, probe, lambda line: None))
+    assert asked[:4] == [50, 100, 200, 400]  # doubling until 400 fails
+    assert 300 - 300 // 8 <= held <= 300 and asked[4:] and len(probes) == len(asked)
+
+    probe, asked = probe_up_to(10_000)
+    assert asyncio.run(capacity(50, 1600, probe, lambda line: None))[0] == 1600
+    assert asked == [50, 100, 200, 400, 800, 1600]  # never beyond the last
+
+    async def loses_tokens(count: int) -> Relayed:
+        return Relayed("chatui", count, 0.05, count * 10, count * 10 - 1, 1.0, 1.0, 1.0)
+
+    assert asyncio.run(capacity(50, 1600, loses_tokens, lambda line: None))[0] == 0

@@ -12,6 +12,8 @@ Three ways to receive the same synthetic stream:
 
 Every token carries the moment the upstream wrote it (chatui.bench.upstream); a token
 counts once, when it first arrives, and its latency is that arrival minus its stamp.
+Each conversation's time to first token is from the moment its client sent (the
+browser's `send` frame) to the arrival of its first token: what a person waits for.
 """
 
 from __future__ import annotations
@@ -58,8 +60,20 @@ class Tally:
     latency_ns: dict[int, int] = field(default_factory=dict)
     first_stamp_ns: int | None = None
     last_arrival_ns: int = 0
+    sent_ns: int | None = None  # when the client sent its message
+    first_arrival_ns: int | None = None  # when its first token arrived
     closed: str = ""  # why the turn never ended here (socket closed, out of time)
     resyncs: int = 0  # syncs asked for because something was missing
+
+    def sent(self) -> None:
+        self.sent_ns = time.monotonic_ns()
+
+    @property
+    def first_token_ns(self) -> int | None:
+        """From sending to the first token (None when none arrived)."""
+        if self.sent_ns is None or self.first_arrival_ns is None:
+            return None
+        return self.first_arrival_ns - self.sent_ns
 
     def read(self, text: str, arrived_ns: int) -> None:
         for number, stamp in STAMP.findall(text):
@@ -67,6 +81,8 @@ class Tally:
             if number not in self.latency_ns:
                 self.latency_ns[number] = arrived_ns - stamp
                 self.last_arrival_ns = arrived_ns
+                if self.first_arrival_ns is None:
+                    self.first_arrival_ns = arrived_ns
                 if self.first_stamp_ns is None or stamp < self.first_stamp_ns:
                     self.first_stamp_ns = stamp
 
@@ -85,6 +101,8 @@ class Relayed:
     p99_ms: float
     closed: int = 0  # turns that never ended for their reader
     resynced: int = 0  # turns whose reader had to sync again to see everything
+    first_p50_ms: float = 0.0  # time to first token, from sending
+    first_p99_ms: float = 0.0
 
     @property
     def rate(self) -> float:
@@ -104,6 +122,8 @@ class Relayed:
             "p99_ms": round(self.p99_ms, 2),
             "closed": self.closed,
             "resynced": self.resynced,
+            "first_token_p50_ms": round(self.first_p50_ms, 2),
+            "first_token_p99_ms": round(self.first_p99_ms, 2),
         }
 
 
@@ -118,6 +138,7 @@ def summarise(target: str, tallies: list[Tally], tokens: int, pace: float) -> Re
     stamps = [t.first_stamp_ns for t in tallies if t.first_stamp_ns is not None]
     ends = [t.last_arrival_ns for t in tallies if t.latency_ns]
     seconds = (max(ends) - min(stamps)) / 1e9 if stamps and ends else 0.0
+    firsts = sorted(t.first_token_ns for t in tallies if t.first_token_ns is not None)
     return Relayed(
         target=target,
         conversations=len(tallies),
@@ -129,6 +150,8 @@ def summarise(target: str, tallies: list[Tally], tokens: int, pace: float) -> Re
         p99_ms=percentile(latencies, 0.99) / 1e6,
         closed=sum(1 for tally in tallies if tally.closed),
         resynced=sum(1 for tally in tallies if tally.resyncs),
+        first_p50_ms=percentile(firsts, 0.50) / 1e6,
+        first_p99_ms=percentile(firsts, 0.99) / 1e6,
     )
 
 
@@ -258,6 +281,7 @@ class Page:
 async def chatui_turn(socket: ClientConnection, text: str, tally: Tally) -> Tally:
     page = Page(socket, tally)
     # With an otid, as the page sends it (a resend of it is harmless).
+    tally.sent()
     await socket.send(json.dumps({"type": "send", "text": text, "otid": str(uuid.uuid4())}))
     while True:
         try:
@@ -292,6 +316,7 @@ async def chatui_round(conversations: list[Conversation], tokens: int, pace: flo
 
 
 async def bare_turn(socket: ClientConnection, agent: str, text: str, tally: Tally) -> Tally:
+    tally.sent()
     await socket.send(json.dumps({"agent": agent, "text": text}))
     while True:
         try:
@@ -328,6 +353,7 @@ async def direct_turn(
 ) -> Tally:
     tally = Tally()
     body = {"messages": [{"role": "user", "content": text}], "stream_tokens": True}
+    tally.sent()
     async with session.post(f"{upstream}/v1/agents/{agent}/messages/stream", json=body) as sse:
         async for line in sse.content:
             tally.read(line.decode(), time.monotonic_ns())

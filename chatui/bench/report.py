@@ -6,6 +6,9 @@ from typing import Any
 
 from chatui.bench.clients import Relayed
 from chatui.bench.run import (
+    CAPACITY_P99_MS,
+    GOAL_FIRST_BURST_MS,
+    GOAL_FIRST_ONE_MS,
     GOAL_IDLE_KB,
     GOAL_OPEN_MS,
     GOAL_P99_MS,
@@ -51,6 +54,24 @@ def yes(met: bool) -> str:
     return "yes" if met else "**no**"
 
 
+def first_token_goal(results: Results, chatui: Relayed, bare: Relayed | None):
+    """The goal for a paced round's time to first token, and whether it is met: p50 at
+    one conversation, p99 at the largest burst; None where there is none."""
+    if bare is None or not chatui.pace:
+        return None
+    if chatui.conversations == 1:
+        return (
+            f"p50 ≤ bare + {GOAL_FIRST_ONE_MS:.0f} ms",
+            chatui.first_p50_ms <= bare.first_p50_ms + GOAL_FIRST_ONE_MS,
+        )
+    if chatui.conversations == max(r.conversations for r in results.relay):
+        return (
+            f"p99 ≤ bare + {GOAL_FIRST_BURST_MS:.0f} ms",
+            chatui.first_p99_ms <= bare.first_p99_ms + GOAL_FIRST_BURST_MS,
+        )
+    return None
+
+
 def relay_rows(results: Results, workers: int, kind: str = "") -> list[list[str]]:
     rows = []
     suffix = round_suffix(workers, kind)
@@ -88,7 +109,45 @@ def relay_rows(results: Results, workers: int, kind: str = "") -> list[list[str]
                 yes(p99_met),
             ]
         )
+        if chatui.pace:
+            goal = first_token_goal(results, chatui, bare)
+            rows.append(
+                [
+                    f"time to first token p50 / p99 ms, {label}",
+                    f"{ms(chatui.first_p50_ms)} / {ms(chatui.first_p99_ms)}",
+                    f"{ms(bare.first_p50_ms)} / {ms(bare.first_p99_ms)}" if bare else "–",
+                    f"{ms(direct.first_p50_ms)} / {ms(direct.first_p99_ms)}" if direct else "–",
+                    f"{ratio(chatui.first_p50_ms, bare.first_p50_ms)} / "
+                    f"{ratio(chatui.first_p99_ms, bare.first_p99_ms)}"
+                    if bare
+                    else "–",
+                    "–",
+                    goal[0] if goal else "–",
+                    yes(goal[1]) if goal else "–",
+                ]
+            )
     return rows
+
+
+def capacity_row(results: Results) -> list[str]:
+    chatui, bare = results.capacity["chatui"], results.capacity["bare"]
+    most = max((p.conversations for p in results.capacity_probes), default=0)
+
+    def held(count: int) -> str:
+        return f"≥ {count:,}" if count >= most else f"{count:,}"
+
+    pace = next((p.pace for p in results.capacity_probes), 0.05)
+    return [
+        f"capacity: conversations at {1 / pace:.0f} tokens/s one worker holds "
+        f"(every token, p99 ≤ {CAPACITY_P99_MS:.0f} ms)",
+        held(chatui),
+        held(bare),
+        "–",
+        ratio(chatui, bare),
+        "–",
+        "≥ 0.80 × bare",
+        yes(chatui >= GOAL_RATE * bare),
+    ]
 
 
 def goals(results: Results) -> dict[str, bool]:
@@ -105,7 +164,8 @@ def goals(results: Results) -> dict[str, bool]:
         results.writes.get(min(results.writes, default=0)),
         results.writes.get(max(results.writes, default=0)),
     )
-    return {
+    firsts = [first_token_goal(results, c, b) for c, b in pairs]
+    met = {
         "relay rate ≥ 80% of the bare relay": all(c.rate >= GOAL_RATE * b.rate for c, b in pairs),
         "added p99 ≤ bare relay p99 + 10 ms": all(
             c.p99_ms <= b.p99_ms + GOAL_P99_MS for c, b in pairs
@@ -113,11 +173,20 @@ def goals(results: Results) -> dict[str, bool]:
         "database writes per turn independent of token count": short is not None and short == long,
         f"≤ {GOAL_IDLE_KB:.0f} KB per idle websocket": results.idle_kb <= GOAL_IDLE_KB,
         "5,000-message conversation opens in ≤ 100 ms": results.open_ms <= GOAL_OPEN_MS,
+        "time to first token: p50 ≤ bare + 10 ms at one conversation, p99 ≤ bare + 250 ms "
+        "at the largest burst": all(goal[1] for goal in firsts if goal),
     }
+    if results.capacity:
+        met["capacity at 20 tokens/s ≥ 80% of the bare relay's"] = (
+            results.capacity["chatui"] >= GOAL_RATE * results.capacity["bare"]
+        )
+    return met
 
 
 def table(results: Results) -> str:
     rows = relay_rows(results, 1) + relay_rows(results, 1, "1agent")
+    if results.capacity:
+        rows.append(capacity_row(results))
     writes = sorted(results.writes.items())
     for tokens, count in writes:
         rows.append(
@@ -191,5 +260,7 @@ def as_json(results: Results) -> dict[str, Any]:
         "idle_sockets": results.idle_sockets,
         "open_ms": round(results.open_ms, 2),
         "long_conversation": results.long_conversation,
+        "capacity": results.capacity,
+        "capacity_probes": [r.as_dict() for r in results.capacity_probes],
         "goals": goals(results),
     }

@@ -38,6 +38,12 @@ GOAL_RATE = 0.8
 GOAL_P99_MS = 10.0
 GOAL_IDLE_KB = 64.0
 GOAL_OPEN_MS = 100.0
+# Time to first token, added over the bare relay's: at one conversation (p50), and at
+# the largest burst of simultaneous sends (p99).
+GOAL_FIRST_ONE_MS = 10.0
+GOAL_FIRST_BURST_MS = 250.0
+# A worker holds a load when every token arrives and p99 latency stays within this.
+CAPACITY_P99_MS = 100.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,9 @@ class Plan:
     round_repeats: int = 3
     # The real case: this many people on ONE agent, each chat its own Letta conversation.
     one_agent: int = 200
+    # Capacity at `pace`: conversations double from the first until a load does not
+    # hold, then bisect to within an eighth; never beyond the last.
+    capacity: tuple[int, int] = (50, 1600)
 
 
 QUICK = Plan(
@@ -70,6 +79,7 @@ QUICK = Plan(
     open_repeats=5,
     round_repeats=1,
     one_agent=5,
+    capacity=(2, 8),
 )
 # The one agent of that round (the synthetic upstream answers any id).
 ONE_AGENT = "agent-00000000-0000-4000-8000-0000000000a1"
@@ -376,6 +386,10 @@ class Results:
     idle_sockets: int = 0
     open_ms: float = 0.0
     long_conversation: int = 0
+    # The most conversations at the plan's pace one worker holds, by target; and the
+    # searches' rounds, in order.
+    capacity: dict[str, int] = field(default_factory=dict)
+    capacity_probes: list[Relayed] = field(default_factory=list)
 
     def find(self, target: str, conversations: int, pace: float, workers: int = 1, label: str = ""):
         name = target + round_suffix(workers, label)
@@ -442,6 +456,75 @@ async def relay_rounds(
             for target in targets:
                 results.relay.append(median_run(runs[target]))
                 results.relay_runs += runs[target]
+
+
+def holds(result: Relayed) -> bool:
+    """Whether a worker held a load: every token arrived, p99 within CAPACITY_P99_MS."""
+    return (
+        result.received == result.expected
+        and not result.closed
+        and result.p99_ms <= CAPACITY_P99_MS
+    )
+
+
+async def capacity(
+    first: int, most: int, probe: Callable[[int], Any], say: Callable[[str], None]
+) -> tuple[int, list[Relayed]]:
+    """The most conversations `probe(n)` holds: double from `first` until one does not
+    hold (or `most` is reached), then bisect to within an eighth of what held."""
+    held, failed, probes = 0, None, []
+
+    async def attempt(count: int) -> bool:
+        result = await probe(count)
+        probes.append(result)
+        say_round(say, result)
+        return holds(result)
+
+    count = first
+    while failed is None and held < most:
+        if await attempt(count):
+            held, count = count, min(count * 2, most)
+        else:
+            failed = count
+    while failed is not None and failed - held > max(1, held // 8):
+        middle = (held + failed) // 2
+        if await attempt(middle):
+            held = middle
+        else:
+            failed = middle
+    return held, probes
+
+
+async def capacity_rounds(
+    plan: Plan,
+    results: Results,
+    chats: list[tuple[int, str, str]],
+    chatui_address: str,
+    bare_address: str,
+    say: Callable[[str], None],
+) -> None:
+    """Capacity at the plan's pace, of chatui and of the bare relay, on one worker."""
+    tokens, pace = plan.paced_tokens, plan.pace
+
+    async def chatui(count: int) -> Relayed:
+        conversations = [
+            Conversation(chatui_address, chat, agent, cookie)
+            for chat, agent, cookie in chats[:count]
+        ]
+        result = await clients.chatui_round(conversations, tokens, pace)
+        return replace(result, target="chatui/capacity")
+
+    async def bare(count: int) -> Relayed:
+        agents = [agent for _, agent, _ in chats[:count]]
+        result = await clients.bare_round([bare_address], agents, tokens, pace)
+        return replace(result, target="bare/capacity")
+
+    first, most = plan.capacity
+    for name, probe in (("chatui", chatui), ("bare", bare)):
+        held, probes = await capacity(first, most, probe, say)
+        results.capacity[name] = held
+        results.capacity_probes += probes
+        say(f"  {name} holds {held} conversations at {1 / pace:.0f} tokens/s")
 
 
 def median_run(runs: list[Relayed]) -> Relayed:
@@ -524,7 +607,7 @@ def main(*, quick: bool, workers: int, redis_url: str, say: Callable[[str], None
     raise_open_files_limit()
     call_command("migrate", interactive=False, verbosity=0)
     results = Results(machine=machine(), workers=workers)
-    most = max(plan.conversations)
+    most = max(*plan.conversations, plan.capacity[1])
     chats = conversations_of(people(most, "bench"))
     idle_owner = people(1, "bench-idle")
     idle_chats = conversations_of(idle_owner, plan.idle_sockets + 20)
@@ -559,6 +642,11 @@ def main(*, quick: bool, workers: int, redis_url: str, say: Callable[[str], None
                     label="1agent",
                 )
             )
+            say(
+                f"capacity at {1 / plan.pace:.0f} tokens/s: held while every token arrives "
+                f"and p99 ≤ {CAPACITY_P99_MS:.0f} ms"
+            )
+            asyncio.run(capacity_rounds(plan, results, chats, chatui.address, bare.address, say))
 
         say("database writes per turn (in-process, real consumer)")
         settings.LETTA_BASE_URL = upstream
