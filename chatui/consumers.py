@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -29,6 +30,7 @@ from chatui.models import (
     Conversation,
     DecisionNotAllowed,
     Message,
+    Send,
     SendRateExceeded,
     TargetForbidden,
     Turn,
@@ -120,8 +122,10 @@ class ConversationConsumer(AsyncWebsocketConsumer):
 
     async def send_message(self, frame: SendFrame) -> None:
         """Save the user's message, tell every watcher, then start the turn."""
+        otid = frame.otid or str(uuid.uuid4())
+        send = Send(self.conversation, frame.text, otid, frame.attachments)
         try:
-            turn, created = await database_sync_to_async(self.start_turn)(frame)
+            stored = await turns.store_send(send)
         except TurnActive:
             await self.send_error(
                 "turn_active", "A reply is still in progress. Wait for it, or press Stop."
@@ -146,22 +150,12 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 }
             )
             return
-        if not created:
-            await self.send_json({"type": "turn", "turn": turn.as_frame()})
+        if not stored.created:
+            await self.send_json({"type": "turn", "turn": stored.turn.as_frame()})
             return
-        await self.broadcast({"type": "message", "message": self.user_message_frame})
-        await self.broadcast({"type": "turn", "turn": turn.as_frame()})
-        await turns.start_turn(turn, self.conversation, self.run)
-
-    def start_turn(self, frame: SendFrame) -> tuple[Turn, bool]:
-        turn, created = self.conversation.start_turn(frame.text, frame.otid, frame.attachments)
-        self.user_message_frame = turn.user_message.as_frame()
-        self.run = turns.TurnRun(turn, self.conversation) if created else None
-        if self.run is not None:
-            # The runner's first trip to the database thread, taken on this one: with
-            # many sends at once, every trip saved starts every stream sooner.
-            self.run.begin_early()
-        return turn, created
+        await self.broadcast({"type": "message", "message": stored.message_frame})
+        await self.broadcast({"type": "turn", "turn": stored.turn.as_frame()})
+        await turns.start_turn(stored.turn, self.conversation, stored.run)
 
     async def stop(self) -> None:
         active = await database_sync_to_async(self.conversation.active_turn)()

@@ -19,6 +19,7 @@ import contextvars
 import json
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +52,7 @@ from chatui.models import (
     ApprovalRequest,
     Conversation,
     Message,
+    Send,
     TargetKind,
     Turn,
 )
@@ -981,6 +983,94 @@ def describe(error: LettaError) -> tuple[str, str]:
         return f"http_{error.status}", f"The agent server answered {error.status}: {error.detail}"
     code = type(error).__name__.removeprefix("Letta").lower()
     return code or "upstream", error.detail or str(error)
+
+
+@dataclass
+class Stored:
+    """A send, stored: its turn; whether it is new (not a resend of a stored one); for a
+    new one, its runner (begun) and the frame of the person's message."""
+
+    turn: Turn
+    created: bool
+    run: TurnRun | None = None
+    message_frame: dict[str, Any] | None = None
+
+
+class SendQueue:
+    """Sends on their way to the database thread.
+
+    Every trip to the database goes through one thread per process, in order. When many
+    people press Send at once, the sends that arrive while a trip runs wait here, and
+    the next trip stores them all together (Conversation.start_turns), prepares their
+    runners and takes what locks they need: the hundredth send of a burst waits for a
+    few trips, not for ninety-nine. Each turn is committed before its runner starts,
+    so a message is still stored before anything goes upstream.
+    """
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[Send, asyncio.Future[Stored]]] = []
+        self.trip: asyncio.Task | None = None
+
+    async def store(self, send: Send) -> Stored:
+        """Store one send (with whatever else is waiting); raise what start_turn raises."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Stored] = loop.create_future()
+        self.waiting.append((send, future))
+        if self.trip is None:
+            self.trip = loop.create_task(self.drain(), context=contextvars.Context())
+        return await future
+
+    async def drain(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting, []
+                try:
+                    outcomes = await database_sync_to_async(store_sends)([s for s, _ in batch])
+                except Exception as error:  # the trip itself failed: every send says so
+                    outcomes = [error] * len(batch)
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():  # its socket went away; the turn runs anyway
+                        if isinstance(outcome, Stored) and outcome.run is not None:
+                            outcome.run.start()
+                    elif isinstance(outcome, Exception):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self.trip = None
+
+
+def store_sends(sends: list[Send]) -> list[Stored | Exception]:
+    """Store sends and prepare the runners of the new turns, in one trip."""
+    stored: list[Stored | Exception] = []
+    for send, outcome in zip(sends, Conversation.start_turns(sends), strict=True):
+        if isinstance(outcome, Exception):
+            stored.append(outcome)
+            continue
+        turn, created = outcome
+        if not created:
+            stored.append(Stored(turn, created=False))
+            continue
+        run = TurnRun(turn, send.conversation)
+        # The runner's first trip to the database thread, taken on this one: with many
+        # sends at once, every trip saved starts every stream sooner.
+        run.begin_early()
+        stored.append(Stored(turn, True, run, turn.user_message.as_frame()))
+    return stored
+
+
+send_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendQueue] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def store_send(send: Send) -> Stored:
+    """Store a person's message and its new turn (this event loop's SendQueue)."""
+    loop = asyncio.get_running_loop()
+    queue = send_queues.get(loop)
+    if queue is None:
+        queue = send_queues[loop] = SendQueue()
+    return await queue.store(send)
 
 
 async def start_turn(turn: Turn, conversation: Conversation, run: TurnRun | None = None) -> TurnRun:

@@ -526,6 +526,48 @@ async def test_database_writes_per_turn_do_not_grow_with_tokens(
     await communicator.disconnect()
 
 
+async def test_sends_that_arrive_together_are_stored_together(
+    db, demo, user, user_cookie, monkeypatch
+):
+    """Many people pressing Send at once: the sends that wait for the database thread
+    are stored on its next trip together, and every one streams its own reply."""
+    conversations = [
+        await database_sync_to_async(Conversation.objects.create)(
+            owner=user, target_id=ECHO_AGENT_ID, target_name="Echo"
+        )
+        for _ in range(12)
+    ]
+    batches: list[int] = []
+    original = Conversation.start_turns.__func__
+
+    def counted(cls, sends):
+        batches.append(len(sends))
+        return original(cls, sends)
+
+    monkeypatch.setattr(Conversation, "start_turns", classmethod(counted))
+    sockets = [(await connect(c, cookie=user_cookie))[0] for c in conversations]
+    for n, socket in enumerate(sockets):
+        await send(socket, f"hello number {n}")
+    for n, socket in enumerate(sockets):
+        frames = await receive_until(socket, turn_ended)
+        assert frames[-1]["turn"]["status"] == "completed", frames[-1]
+        [mine] = [
+            f["message"]
+            for f in frames
+            if f["type"] == "message" and f["message"]["kind"] == "user"
+        ]
+        assert f"hello number {n}<" in mine["html"]
+    for conversation in conversations:
+        await wait_for_runner(conversation)
+    assert sum(batches) == 12 and len(batches) < 12, batches
+    stored = await database_sync_to_async(
+        lambda: sorted(Message.objects.filter(kind="user").values_list("text", flat=True))
+    )()
+    assert stored == sorted(f"hello number {n}" for n in range(12))
+    for socket in sockets:
+        await socket.disconnect()
+
+
 async def test_sending_too_fast_is_refused_with_a_clear_message(chat, user_cookie, settings):
     settings.SEND_RATE_LIMIT = 2
     communicator, _, _ = await connect(chat, cookie=user_cookie)
