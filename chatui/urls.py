@@ -18,6 +18,7 @@ urlpatterns = [
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("new/", views.new_conversation, name="new_conversation"),
     path("theme/", views.choose_theme, name="choose_theme"),
+    path("search/", views.search_conversations, name="search"),
     path("conversations/<int:conversation_id>/", views.conversation, name="conversation"),
     path(
         "conversations/<int:conversation_id>/messages/",

@@ -23,6 +23,7 @@ from django.utils.functional import SimpleLazyObject
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
+from chatui import search
 from chatui.forms import (
     ConversationOptionsForm,
     NewConversationForm,
@@ -436,3 +437,15 @@ def choose_theme(request: HttpRequest) -> HttpResponse:
     if not url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
         target = reverse("home")
     return redirect(target)
+
+
+@login_required
+def search_conversations(request: HttpRequest) -> HttpResponse:
+    """The person's conversations whose title or messages match `q`: the sidebar asks
+    for the results alone (`partial`), a page without JavaScript gets them as a page."""
+    query = request.GET.get("q", "").strip()[:200]
+    found = search.conversations(request.user, query) if query else []
+    context = {"query": query, "found": found}
+    if request.GET.get("partial"):
+        return render(request, "chat/_search_results.html", context)
+    return render(request, "chat/search.html", context)

@@ -479,3 +479,56 @@ def backends(trips: int) -> None:
             pids.append(cursor.fetchone()[0])
         connection.close()  # what every trip's end does (CONN_MAX_AGE = 0)
     print(json.dumps(pids))
+
+
+def test_search_on_postgres_finds_through_its_gin_index(workers):
+    """The message search runs on PostgreSQL's full-text index, kept current by it."""
+    a, _ = workers
+    result = a.manage(
+        "shell",
+        "-v",
+        "0",
+        "-c",
+        "from tests.test_scale_out import searched; searched()",
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    assert found["texts"] == ["Deploying the new cluster went fine"], found
+    assert found["after_edit"] == [], found
+    assert "chatui_message_text_search" in found["plan"], found["plan"]
+
+
+def searched() -> None:
+    """Run in a worker's environment: store, find, edit, and the plan of the search."""
+    import uuid
+
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    from chatui import search
+    from chatui.models import Conversation, Message, Turn
+
+    assert connection.vendor == "postgresql", connection.vendor
+    owner, _ = get_user_model().objects.get_or_create(username="searcher")
+    chat = Conversation.objects.create(owner=owner, target_id="agent-s", target_name="S")
+    turn = Turn.objects.create(conversation=chat, otid=str(uuid.uuid4()), status="completed")
+    word = f"zq{uuid.uuid4().hex[:8]}"
+    message = Message.objects.create(
+        conversation=chat, turn=turn, kind="assistant", text="Deploying the new cluster went fine"
+    )
+    Message.objects.create(conversation=chat, turn=turn, kind="user", text=f"{word} deploy?")
+    texts = list(
+        search.matching_messages("deploying clus")
+        .filter(conversation=chat)
+        .values_list("text", flat=True)
+    )
+    with connection.cursor() as cursor:
+        cursor.execute("SET enable_seqscan = off")  # a tiny table: show the index is usable
+        query = search.matching_messages(word)
+        plan = query.explain()
+        cursor.execute("SET enable_seqscan = on")
+    message.text = "Nothing to see"
+    message.save()
+    after = list(search.matching_messages("deploying clus").filter(conversation=chat))
+    print(json.dumps({"texts": texts, "after_edit": [m.text for m in after], "plan": plan}))

@@ -1548,8 +1548,90 @@
     autosize();
     updateComposer();
     stick(true);
+    showLinkedMessage();
     watchOlder();
     connect();
+
+    // A search result links to its message (#message-<id>): show it, not the end.
+    function showLinkedMessage() {
+      const match = /^#message-(\d+)$/.exec(window.location.hash);
+      const linked = match && transcript.querySelector(`.msg[data-id="${match[1]}"]`);
+      if (!linked) return;
+      pinned = false;
+      linked.scrollIntoView({ block: "center" });
+      linked.classList.add("is-linked");
+    }
+  }
+
+  // The sidebar's search: results as the person types (the server renders them), the
+  // conversation list again once the field is empty. Enter opens the search page, which
+  // is also what a browser without JavaScript gets.
+  function setupSearch() {
+    const form = document.querySelector("[data-search]");
+    const results = document.querySelector("[data-search-results]");
+    const list = document.querySelector("[data-conversation-list]");
+    if (!form || !results || !list) return;
+    const input = form.querySelector("[data-search-input]");
+    let timer = null;
+    let asked = 0;
+
+    function showList() {
+      results.hidden = true;
+      results.replaceChildren();
+      list.hidden = false;
+    }
+
+    async function find() {
+      const query = input.value.trim();
+      const mine = ++asked;
+      if (!query) {
+        showList();
+        return;
+      }
+      const url = `${form.action}?${new URLSearchParams({ q: query, partial: "1" })}`;
+      try {
+        const response = await fetch(url, { headers: { Accept: "text/html" } });
+        if (mine !== asked) return; // a newer search answers instead
+        if (!response.ok) throw new Error(String(response.status));
+        results.replaceChildren(parseHTML(await response.text()));
+        localTimes(results);
+      } catch (error) {
+        if (mine !== asked) return;
+        results.replaceChildren(element("p", "search-summary", "Search is not available right now."));
+      }
+      list.hidden = true;
+      results.hidden = false;
+    }
+
+    input.addEventListener("input", () => {
+      window.clearTimeout(timer);
+      timer = window.setTimeout(find, 150);
+    });
+    input.addEventListener("keydown", (event) => {
+      if (event.key === "Escape" && input.value) {
+        event.preventDefault();
+        input.value = "";
+        asked++;
+        showList();
+      } else if (event.key === "ArrowDown") {
+        const first = results.querySelector("[data-search-hit]");
+        if (first && !results.hidden) {
+          event.preventDefault();
+          first.focus();
+        }
+      }
+    });
+    results.addEventListener("keydown", (event) => {
+      const hits = Array.from(results.querySelectorAll("[data-search-hit]"));
+      const at = hits.indexOf(document.activeElement);
+      if (at < 0) return;
+      if (event.key === "ArrowDown" && at + 1 < hits.length) hits[at + 1].focus();
+      else if (event.key === "ArrowUp") (at > 0 ? hits[at - 1] : input).focus();
+      else if (event.key === "Escape") input.focus();
+      else return;
+      event.preventDefault();
+    });
+    if (input.value.trim()) find();
   }
 
   // Flash messages from the server: a confirmation goes by itself after a few seconds,
@@ -1572,6 +1654,7 @@
     decorateCode(document);
     setupDrawer();
     setupConfirms();
+    setupSearch();
     ApprovalsFeed();
     const data = document.getElementById("chat-config");
     if (data) Conversation(JSON.parse(data.textContent));
