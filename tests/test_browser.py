@@ -1241,3 +1241,53 @@ def test_a_chosen_dark_theme_paints_dark_on_a_light_system(open_chat):
     page.click(".theme-option[value=system]")
     page.wait_for_load_state()
     assert page.evaluate("getComputedStyle(document.body).backgroundColor") == "rgb(255, 255, 255)"
+
+
+def test_search_finds_a_conversation_by_what_was_said_and_opens_it(open_chat, demo):
+    chat = open_chat()
+    chat.start(ECHO)
+    chat.send("Remember the marmalade recipe for grandmother")
+    chat.wait_turn("completed")
+    chat.start(ECHO)
+    chat.send("Something else entirely")
+    chat.wait_turn("completed")
+    page = chat.page
+    field = page.locator("[data-search-input]")
+    field.fill("marmal")
+    hit = page.locator("[data-search-hit]").first
+    hit.wait_for()
+    assert page.locator("[data-conversation-list]").is_hidden()
+    assert page.locator("[data-search-hit]").count() == 1
+    assert hit.locator("mark").first.inner_text().lower() == "marmal"
+    assert "grandmother" in hit.inner_text()
+    chat.screenshot("search-desktop-light")
+    # By keyboard: down to the result, Enter opens it at the matching message.
+    field.press("ArrowDown")
+    assert page.evaluate("document.activeElement.matches('[data-search-hit]')")
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r"/conversations/\d+/#message-\d+$"))
+    page.locator(".msg.is-linked").wait_for()
+    assert "marmalade" in page.locator(".msg.is-linked").inner_text()
+    # Escape gives the list back.
+    field = page.locator("[data-search-input]")
+    field.fill("nothing matches this")
+    page.locator(".search-summary").wait_for()
+    assert "No conversation matches" in page.locator(".search-summary").inner_text()
+    field.press("Escape")
+    page.locator("[data-conversation-list]").wait_for()
+    assert page.locator("[data-search-results]").is_hidden()
+
+
+@pytest.mark.parametrize("viewport,scheme", [(PHONE, "light"), (PHONE, "dark"), (DESKTOP, "dark")])
+def test_search_results_at_phone_width_and_in_dark(open_chat, demo, viewport, scheme):
+    chat = open_chat(viewport=viewport, color_scheme=scheme)
+    chat.start(ECHO)
+    chat.send("Notes about the lighthouse keeper")
+    chat.wait_turn("completed")
+    page = chat.page
+    if viewport is PHONE:
+        page.locator("[data-drawer-toggle]").first.click()
+    page.locator("[data-search-input]").fill("lighthouse")
+    page.locator("[data-search-hit]").first.wait_for()
+    name = "phone" if viewport is PHONE else "desktop"
+    chat.screenshot(f"search-{name}-{scheme}")
