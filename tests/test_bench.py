@@ -98,6 +98,14 @@ def test_the_quick_bench_prints_every_row_with_sane_numbers(tmp_path):
     assert 0 < memory < 10_000  # KB
     [opening] = numbers(table["server time to open a 500-message conversation"][0])
     assert 0 < opening < 5_000  # ms
+    for asked in ("a rare word", "a prefix", "a word in every message"):
+        row = table[f"server time over 1,000 conversations, 10,000 messages: {asked}"]
+        [elapsed] = numbers(row[0])
+        assert 0 < elapsed < 5_000 and row[5] == "≤ 100 ms", row
+    admin = table[
+        "server time over 1,000 conversations, 10,000 messages: the admin's list, a rare word"
+    ]
+    assert admin[5] == "≤ list + 100 ms", admin
     # It ran in a folder of its own: the developer's has no database.
     assert not list(developer_data.glob("*.sqlite3"))
 

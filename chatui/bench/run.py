@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
+from django.db.models import Max
 
 from chatui.bench import clients
 from chatui.bench.clients import Conversation, Relayed
@@ -38,6 +39,7 @@ GOAL_RATE = 0.8
 GOAL_P99_MS = 10.0
 GOAL_IDLE_KB = 64.0
 GOAL_OPEN_MS = 100.0
+GOAL_SEARCH_MS = 100.0
 # Time to first token, added over the bare relay's: at one conversation (p50), and at
 # the largest burst of simultaneous sends (p99).
 GOAL_FIRST_ONE_MS = 10.0
@@ -67,6 +69,10 @@ class Plan:
     # Capacity at `pace`: conversations double from the first until a load does not
     # hold, then bisect to within an eighth; never beyond the last.
     capacity: tuple[int, int] = (50, 1600)
+    # Search: conversations and messages stored (among `search_people`), and queries.
+    search_size: tuple[int, int] = (100_000, 1_000_000)
+    search_people: int = 1000
+    search_repeats: int = 5
 
 
 QUICK = Plan(
@@ -80,6 +86,9 @@ QUICK = Plan(
     round_repeats=1,
     one_agent=5,
     capacity=(2, 8),
+    search_size=(1000, 10_000),
+    search_people=10,
+    search_repeats=2,
 )
 # The one agent of that round (the synthetic upstream answers any id).
 ONE_AGENT = "agent-00000000-0000-4000-8000-0000000000a1"
@@ -289,6 +298,144 @@ def long_conversation(messages: int) -> tuple[int, Any]:
     return chat.pk, owner
 
 
+def generated(model: Any, count: int, columns: dict[str, str], example: Any) -> None:
+    """Insert `count` rows of `model` in one statement: `columns` gives SQL for some
+    columns in terms of the row number `i` (1..count); every other column takes
+    `example`'s value. Much faster than the ORM for the search benchmark's million."""
+    from django.db import connection
+
+    names, values, params = [], [], []
+    for model_field in model._meta.concrete_fields:
+        if model_field.primary_key:
+            continue
+        names.append(connection.ops.quote_name(model_field.column))
+        if model_field.column in columns:
+            values.append(columns[model_field.column])
+        else:
+            values.append("%s")
+            value = model_field.pre_save(example, add=True)
+            params.append(model_field.get_db_prep_save(value, connection))
+    table = connection.ops.quote_name(model._meta.db_table)
+    insert = f"INSERT INTO {table} ({', '.join(names)})"
+    select = f"SELECT {', '.join(values)}"
+    with connection.cursor() as cursor:
+        if connection.vendor == "postgresql":
+            cursor.execute(
+                f"{insert} {select} FROM generate_series(1, %s) AS s(i)", [*params, count]
+            )
+        else:
+            series = "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < %s)"
+            cursor.execute(f"{series} {insert} {select} FROM s", [count, *params])
+
+
+def sql_concat(*parts: str) -> str:
+    return " || ".join(parts)
+
+
+def search_data(conversations: int, messages: int, people_count: int) -> Any:
+    """`conversations` chats among `people_count` people, with `messages` messages in
+    all, each with words some are rare ("topic<n>", "item<n>") and some in every
+    message ("about"); a turn per chat. Return the person searched as."""
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+
+    from chatui.models import Conversation as Chat
+    from chatui.models import Message, Turn
+
+    User = get_user_model()
+    User.objects.bulk_create(
+        [User(username=f"bench-search-{n}", password="!") for n in range(people_count)]
+    )
+    owners = list(
+        User.objects.filter(username__startswith="bench-search-")
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    first_owner, every = owners[0], len(owners)
+    assert owners == list(range(first_owner, first_owner + every)), "owners not consecutive"
+    example_chat = Chat(owner_id=first_owner, target_id="agent-search", target_name="Search")
+    before = Chat.objects.aggregate(models_max=Max("pk"))["models_max"] or 0
+    generated(
+        Chat,
+        conversations,
+        {
+            "owner_id": f"{first_owner} + (i %% {every})",
+            "title": sql_concat(
+                "'Conversation '", "CAST(i AS TEXT)", "' on subject'", "CAST(i %% 101 AS TEXT)"
+            ),
+        },
+        example_chat,
+    )
+    first_chat = before + 1
+    generated(
+        Turn,
+        conversations,
+        {
+            "conversation_id": f"{first_chat - 1} + i",
+            "otid": sql_concat("'otid-search-'", "CAST(i AS TEXT)"),
+        },
+        Turn(conversation=example_chat, otid="x", status=Turn.Status.COMPLETED),
+    )
+    first_turn = Turn.objects.get(otid="otid-search-1").pk
+    text = sql_concat(
+        "'Message '",
+        "CAST(i AS TEXT)",
+        "' about topic'",
+        "CAST(i %% 997 AS TEXT)",
+        "' and item'",
+        "CAST(i %% 9973 AS TEXT)",
+        "' with a few more words to search through'",
+    )
+    generated(
+        Message,
+        messages,
+        {
+            "conversation_id": f"{first_chat} + (i %% {conversations})",
+            "turn_id": f"{first_turn} + (i %% {conversations})",
+            "text": text,
+        },
+        Message(conversation=example_chat, kind=Message.Kind.ASSISTANT, text="x"),
+    )
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("ANALYZE")
+    return User.objects.get(pk=first_owner)
+
+
+def search_times_ms(person: Any, repeats: int) -> dict[str, float]:
+    """Server time (median of `repeats`, after one to warm up) of the sidebar's search
+    for a rare word, a prefix and a word in every message; and of the admin's list of
+    conversations without a search and with one."""
+    from django.contrib.auth import get_user_model
+    from django.test import Client
+
+    browser = Client(HTTP_HOST="127.0.0.1")
+    browser.force_login(person)
+    reviewer = get_user_model().objects.create_superuser("bench-search-admin", password="!")
+    admin = Client(HTTP_HOST="127.0.0.1")
+    admin.force_login(reviewer)
+    asks = {
+        "a rare word": (browser, "/search/", {"q": "topic417 item1234", "partial": "1"}),
+        "a prefix": (browser, "/search/", {"q": "topic41", "partial": "1"}),
+        "a word in every message": (browser, "/search/", {"q": "about", "partial": "1"}),
+        "the admin's list, no search": (admin, "/admin/chatui/conversation/", {}),
+        "the admin's list, a rare word": (admin, "/admin/chatui/conversation/", {"q": "topic417"}),
+    }
+    times = {}
+    for name, (client, url, query) in asks.items():
+        timings = []
+        for attempt in range(repeats + 1):
+            started = time.perf_counter()
+            response = client.get(url, query)
+            elapsed = time.perf_counter() - started
+            if response.status_code != 200:
+                raise RuntimeError(f"GET {url} {query} answered {response.status_code}")
+            if attempt:
+                timings.append(elapsed * 1000)
+        times[name] = statistics.median(timings)
+    return times
+
+
 # -- in-process measurements --------------------------------------------------------------
 
 
@@ -386,6 +533,8 @@ class Results:
     idle_sockets: int = 0
     open_ms: float = 0.0
     long_conversation: int = 0
+    search_ms: dict[str, float] = field(default_factory=dict)
+    search_size: tuple[int, int] = (0, 0)
     # The most conversations at the plan's pace one worker holds, by target; and the
     # searches' rounds, in order.
     capacity: dict[str, int] = field(default_factory=dict)
@@ -667,6 +816,12 @@ def main(*, quick: bool, workers: int, redis_url: str, say: Callable[[str], None
         say(f"opening a {plan.long_conversation:,}-message conversation")
         results.open_ms = open_time_ms(long_chat, reader, plan.open_repeats)
         results.long_conversation = plan.long_conversation
+
+        chats_stored, messages_stored = plan.search_size
+        say(f"search over {chats_stored:,} conversations and {messages_stored:,} messages")
+        searcher = search_data(chats_stored, messages_stored, plan.search_people)
+        results.search_ms = search_times_ms(searcher, plan.search_repeats)
+        results.search_size = plan.search_size
 
         if workers > 1:
             say(f"relay rounds, {workers} workers sharing Redis at {redis_url}")
