@@ -691,6 +691,11 @@ def say_round(say: Callable[[str], None], result: Relayed) -> None:
         f"{'full rate' if not result.pace else f'{1 / result.pace:.0f} tokens/s'}: "
         f"{result.rate:,.0f} events/s, p50 {result.p50_ms:.1f} ms, "
         f"p99 {result.p99_ms:.1f} ms ({result.received}/{result.expected} tokens)"
+        + (
+            f", first token p50 {result.first_p50_ms:.0f} / p99 {result.first_p99_ms:.0f} ms"
+            if result.pace
+            else ""
+        )
     )
 
 
