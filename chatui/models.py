@@ -61,6 +61,8 @@ class Conversation(models.Model):
     # Blank: the agent's single thread, shared by everyone who talks to the agent that
     # way (servers without conversations, groups, and chats made before chatui had them).
     letta_conversation_id = models.CharField(max_length=64, blank=True)
+    # Pinned to the top of its owner's sidebar since then (null: not pinned).
+    pinned_at = models.DateTimeField(null=True, blank=True)
 
     objects = ConversationQuerySet.as_manager()
 
@@ -84,6 +86,11 @@ class Conversation(models.Model):
         """Whether this chat talks on its agent's single thread, which everyone using
         the agent that way shares (one history, one reply at a time)."""
         return self.target_kind == TargetKind.AGENT and not self.letta_conversation_id
+
+    def pin(self, pinned: bool) -> None:
+        """Pin to the top of the sidebar (the newest pin first), or unpin."""
+        self.pinned_at = timezone.now() if pinned else None
+        self.save(update_fields=["pinned_at"])
 
     def check_access(self) -> None:
         """Raise TargetForbidden when the owner may no longer use this chat's agent or

@@ -31,6 +31,11 @@ urlpatterns = [
         name="rename_conversation",
     ),
     path(
+        "conversations/<int:conversation_id>/pin/",
+        views.pin_conversation,
+        name="pin_conversation",
+    ),
+    path(
         "conversations/<int:conversation_id>/delete/",
         views.delete_conversation,
         name="delete_conversation",

@@ -234,14 +234,21 @@ def older_messages(request: HttpRequest, conversation_id: int) -> HttpResponse:
 @login_required
 @require_POST
 def rename_conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    """Rename from the chat's menu or in place in the sidebar (answered in JSON)."""
     conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
     form = RenameConversationForm(request.POST)
     if form.is_valid():
         conversation.title = form.cleaned_data["title"]
         conversation.save(update_fields=["title"])
+    elif wants_json(request):
+        return JsonResponse(
+            {"error": "That title is too long (200 characters at most)."}, status=400
+        )
     else:
         flash.error(request, "That title is too long (200 characters at most).")
-    return redirect("conversation", conversation.pk)
+    if wants_json(request):
+        return JsonResponse({"title": str(conversation)})
+    return redirect(back_to(request, reverse("conversation", args=[conversation.pk])))
 
 
 @login_required
@@ -250,7 +257,30 @@ def delete_conversation(request: HttpRequest, conversation_id: int) -> HttpRespo
     conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
     conversation.delete()
     flash.success(request, f"Deleted “{conversation}”.")
-    return redirect("home")
+    return redirect(back_to(request, reverse("home")))
+
+
+@login_required
+@require_POST
+def pin_conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
+    """Pin a conversation to the top of the sidebar (pinned=1), or unpin it (pinned=0)."""
+    conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
+    conversation.pin(request.POST.get("pinned") == "1")
+    if wants_json(request):
+        return JsonResponse({"pinned": conversation.pinned_at is not None})
+    return redirect(back_to(request, reverse("conversation", args=[conversation.pk])))
+
+
+def wants_json(request: HttpRequest) -> bool:
+    return "application/json" in request.headers.get("Accept", "")
+
+
+def back_to(request: HttpRequest, default: str) -> str:
+    """Where a form asked to go back to (its `next`), if that is this site; else default."""
+    target = request.POST.get("next") or default
+    if not url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
+        return default
+    return target
 
 
 async def fetch_memory(conversation: Conversation) -> list[tuple[Any, bool]]:
@@ -433,10 +463,7 @@ def choose_theme(request: HttpRequest) -> HttpResponse:
     if chosen not in Preferences.Theme.values:
         return HttpResponseBadRequest("Choose system, light or dark.")
     Preferences.choose_theme(request, chosen)
-    target = request.POST.get("next") or reverse("home")
-    if not url_has_allowed_host_and_scheme(target, {request.get_host()}, request.is_secure()):
-        target = reverse("home")
-    return redirect(target)
+    return redirect(back_to(request, reverse("home")))
 
 
 @login_required

@@ -117,6 +117,7 @@ class Chat:
         self.page = page
         self.server = server
         self.dialogs: list[str] = []
+        self.accept_dialogs = False  # confirm() answers Cancel unless a test says OK
         page.on("dialog", self._dialog)
         self.errors: list[str] = []
         page.on("pageerror", lambda error: self.errors.append(str(error)))
@@ -125,7 +126,10 @@ class Chat:
 
     def _dialog(self, dialog) -> None:
         self.dialogs.append(dialog.message)
-        dialog.dismiss()
+        if self.accept_dialogs:
+            dialog.accept()
+        else:
+            dialog.dismiss()
 
     @property
     def csp_violations(self) -> list[str]:
@@ -1291,3 +1295,163 @@ def test_search_results_at_phone_width_and_in_dark(open_chat, demo, viewport, sc
     page.locator("[data-search-hit]").first.wait_for()
     name = "phone" if viewport is PHONE else "desktop"
     chat.screenshot(f"search-{name}-{scheme}")
+
+
+def test_pin_rename_in_place_and_delete_from_the_sidebar_by_keyboard(open_chat, demo):
+    chat = open_chat()
+    chat.start(ECHO)
+    chat.send("First chat about apples")
+    chat.wait_turn("completed")
+    first = chat.page.url
+    chat.start(ECHO)
+    chat.send("Second chat about pears")
+    chat.wait_turn("completed")
+    page = chat.page
+    item = page.locator("[data-conversation-item]").filter(has_text="First chat about apples")
+    assert page.locator(".conversation-group-label").first.inner_text() == "Today"
+    # Pin, by keyboard: the item's menu, then its first entry.
+    item.locator("summary").focus()
+    page.keyboard.press("Enter")
+    item.locator("form[data-pin] button").focus()
+    page.keyboard.press("Enter")
+    page.locator('.conversation-group[data-group="Pinned"]').wait_for()
+    pinned = page.locator('.conversation-group[data-group="Pinned"] [data-conversation-item]')
+    assert pinned.count() == 1 and "apples" in pinned.inner_text()
+    assert page.evaluate("document.activeElement.closest('[data-conversation-item]') !== null")
+    # Rename the current chat in place: the sidebar and the page's heading follow.
+    current = page.locator("[data-conversation-item].is-current")
+    current.locator("summary").click()
+    current.locator("form[data-rename] button").click()
+    field = page.locator(".rename-field")
+    field.wait_for()
+    assert field.evaluate("(el) => el === document.activeElement")
+    field.fill("Pear orchard")
+    field.press("Enter")
+    page.locator("h1[data-conversation-title]", has_text="Pear orchard").wait_for()
+    assert current.locator("[data-title-text]").inner_text() == "Pear orchard"
+    assert page.title().startswith("Pear orchard")
+    # Escape keeps the old title.
+    current.locator("summary").click()
+    current.locator("form[data-rename] button").click()
+    page.locator(".rename-field").fill("Never saved")
+    page.locator(".rename-field").press("Escape")
+    assert current.locator("[data-title-text]").inner_text() == "Pear orchard"
+    page.reload()
+    assert page.locator("h1[data-conversation-title]").inner_text() == "Pear orchard"
+    chat.screenshot("sidebar-organised-desktop-light")
+    # Delete the pinned one from the sidebar: asked once; this page stays.
+    pinned = page.locator('.conversation-group[data-group="Pinned"] [data-conversation-item]')
+    pinned.locator("summary").click()
+    chat.accept_dialogs = True
+    pinned.locator("button.menu-danger").click()
+    page.locator('.conversation-group[data-group="Pinned"]').wait_for(state="detached")
+    assert "apples" in chat.dialogs[-1]
+    assert page.locator("h1[data-conversation-title]").inner_text() == "Pear orchard"
+    assert page.request.get(first).status == 404
+
+
+@pytest.mark.parametrize("viewport,scheme", [(PHONE, "light"), (DESKTOP, "dark"), (PHONE, "dark")])
+def test_the_organised_sidebar_at_phone_width_and_in_dark(open_chat, demo, viewport, scheme):
+    chat = open_chat(viewport=viewport, color_scheme=scheme)
+    chat.start(ECHO)
+    chat.send("A chat to pin")
+    chat.wait_turn("completed")
+    page = chat.page
+    if viewport is PHONE:
+        page.locator("[data-drawer-toggle]").first.click()
+    item = page.locator("[data-conversation-item].is-current")
+    item.locator("summary").click()
+    item.locator("form[data-pin] button").click()
+    page.locator('.conversation-group[data-group="Pinned"]').wait_for()
+    item = page.locator("[data-conversation-item].is-current")
+    item.locator("summary").click()
+    item.locator(".conversation-menu").wait_for()
+    name = "phone" if viewport is PHONE else "desktop"
+    chat.screenshot(f"sidebar-organised-{name}-{scheme}")
+    item.locator("form[data-pin] button").click()  # unpinned again for the next test
+    page.locator('.conversation-group[data-group="Pinned"]').wait_for(state="detached")
+
+
+# Records every notification the page shows, keeping the browser's own permission.
+RECORD_NOTIFICATIONS = """
+window.__notes = [];
+if (window.Notification) {
+  const Real = window.Notification;
+  window.Notification = class extends Real {
+    constructor(title, options) {
+      super(title, options);
+      window.__notes.push({ title, body: (options && options.body) || "" });
+    }
+  };
+}
+"""
+HIDE = """
+Object.defineProperty(document, "hidden", { configurable: true, get: () => true });
+Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "hidden" });
+document.dispatchEvent(new Event("visibilitychange"));
+"""
+SHOW = """
+delete document.hidden;
+delete document.visibilityState;
+document.dispatchEvent(new Event("visibilitychange"));
+"""
+
+
+def test_a_hidden_tab_counts_replies_and_decisions_in_its_title_and_notifies(open_chat, demo):
+    chat = open_chat()
+    page = chat.page
+    page.context.grant_permissions(["notifications"])
+    page.context.add_init_script(RECORD_NOTIFICATIONS)
+    chat.start(ECHO)
+    assert page.locator("[data-notify]").is_hidden()  # allowed already: nothing to ask
+    title = page.title()
+    # Looking at the page: nothing is counted.
+    chat.send("seen as it happens")
+    chat.wait_turn("completed")
+    assert page.title() == title and page.evaluate("window.__notes") == []
+    # Hidden: the reply counts, and notifies.
+    page.evaluate(HIDE)
+    chat.send("tell me when you are done")
+    chat.wait_turn("completed", turns=2)
+    page.wait_for_function("document.title.startsWith('(1) ')")
+    [note] = page.evaluate("window.__notes")
+    assert note["title"] == "Demo · Echo replied"
+    assert "tell me when you are done" in note["body"]
+    page.evaluate(SHOW)
+    page.wait_for_function("!document.title.startsWith('(')")
+    assert page.title() == title
+
+    # The approval console, in a hidden tab, for a request made in another.
+    console = open_chat()
+    console.page.context.grant_permissions(["notifications"])
+    console.page.context.add_init_script(RECORD_NOTIFICATIONS)
+    console.page.goto(f"{console.server.url}/approvals/")
+    console.page.evaluate(HIDE)
+    # The chat that asks, hidden too: the agent waits for the person.
+    asking = open_chat()
+    asking.page.context.grant_permissions(["notifications"])
+    asking.page.context.add_init_script(RECORD_NOTIFICATIONS)
+    asking.start(OPS)
+    asking.page.evaluate(HIDE)
+    asking.send(RESTART)
+    asking.wait_turn("completed")
+    asking.page.wait_for_function("document.title.startsWith('(1) ')")
+    assert asking.page.evaluate("window.__notes")[-1]["title"] == "Demo · Ops is waiting for you"
+    console.page.locator("[data-approval-card]").first.wait_for()
+    console.page.wait_for_function("document.title.startsWith('(1) ')")
+    notes = console.page.evaluate("window.__notes")
+    assert notes[-1]["title"] == "A tool call waits for a decision"
+    asking.page.evaluate(SHOW)
+    asking.waiting_form().locator("button[value=approve]").click()
+    asking.wait_approval("approved")
+
+
+def test_notify_me_asks_for_the_permission(open_chat):
+    chat = open_chat()
+    chat.start(ECHO)
+    button = chat.page.locator("[data-notify]")
+    button.wait_for()
+    assert button.inner_text() == "Notify me in other tabs"
+    chat.page.context.grant_permissions(["notifications"])
+    button.click()
+    button.wait_for(state="hidden")

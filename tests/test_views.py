@@ -572,6 +572,81 @@ def test_it_deletes_a_conversation_with_csrf(user, conversation, settings, unuse
     assert not Message.objects.exists()
 
 
+def test_pin_rename_and_delete_from_the_sidebar_go_back_where_they_were(
+    user, conversation, settings, unused_port
+):
+    settings.LETTA_BASE_URL = f"http://127.0.0.1:{unused_port}"
+    add_turn(conversation, "hi")
+    other = Conversation.objects.create(owner=user, target_id=SAGE.id, target_name=SAGE.name)
+    add_turn(other, "another")
+    client, token = csrf_client(user)
+    here = reverse("conversation", args=[other.pk])
+    pin = reverse("pin_conversation", args=[conversation.pk])
+    assert client.post(pin, {"pinned": "1"}).status_code == 403  # CSRF
+    response = client.post(pin, {"pinned": "1", "next": here, "csrfmiddlewaretoken": token})
+    assert response["Location"] == here
+    conversation.refresh_from_db()
+    assert conversation.pinned_at is not None
+    answer = client.post(
+        pin, {"pinned": "0", "csrfmiddlewaretoken": token}, HTTP_ACCEPT="application/json"
+    )
+    assert answer.json() == {"pinned": False}
+    rename = reverse("rename_conversation", args=[conversation.pk])
+    answer = client.post(
+        rename, {"title": " Beds ", "csrfmiddlewaretoken": token}, HTTP_ACCEPT="application/json"
+    )
+    assert answer.json() == {"title": "Beds"}
+    too_long = client.post(
+        rename, {"title": "x" * 201, "csrfmiddlewaretoken": token}, HTTP_ACCEPT="application/json"
+    )
+    assert too_long.status_code == 400 and "200 characters" in too_long.json()["error"]
+    # Somewhere else is never where a form sends the person.
+    away = client.post(
+        rename, {"title": "B", "next": "https://evil.example/", "csrfmiddlewaretoken": token}
+    )
+    assert away["Location"] == reverse("conversation", args=[conversation.pk])
+    delete = reverse("delete_conversation", args=[conversation.pk])
+    response = client.post(delete, {"next": here, "csrfmiddlewaretoken": token})
+    assert response["Location"] == here
+    assert not Conversation.objects.filter(pk=conversation.pk).exists()
+
+
+def test_nobody_pins_anothers_conversation(signed_in, others_conversation):
+    url = reverse("pin_conversation", args=[others_conversation.pk])
+    assert signed_in.post(url, {"pinned": "1"}).status_code == 404
+    others_conversation.refresh_from_db()
+    assert others_conversation.pinned_at is None
+
+
+def test_the_sidebar_groups_by_day_with_pins_first(signed_in, user, conversation):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    now = timezone.now()
+    ages = {"Yesterday's": 1, "Last week's": 5, "Last month's": 20, "Old": 400}
+    for title, days in ages.items():
+        chat = Conversation.objects.create(
+            owner=user, target_id=SAGE.id, target_name=SAGE.name, title=title
+        )
+        add_turn(chat, "x")
+        Conversation.objects.filter(pk=chat.pk).update(updated_at=now - timedelta(days=days))
+    add_turn(conversation, "today")
+    pinned = Conversation.objects.get(title="Old")
+    pinned.pin(True)
+    html = signed_in.get(reverse("home")).content.decode()
+    sidebar = html.split("data-conversation-list>")[1].split("</nav>")[0]
+    labels = re.findall(r'class="conversation-group-label"[^>]*>([^<]+)<', sidebar)
+    old_month = timezone.localdate(now - timedelta(days=400)).strftime("%B %Y")
+    assert labels == ["Pinned", "Today", "Yesterday", "Previous 7 days", "Previous 30 days"]
+    assert sidebar.index("Old") < sidebar.index("Garden plans")  # pinned first
+    assert 'aria-label="Pinned"' in sidebar and "Unpin" in sidebar
+    pinned.pin(False)
+    html = signed_in.get(reverse("home")).content.decode()
+    labels = re.findall(r'class="conversation-group-label"[^>]*>([^<]+)<', html)
+    assert labels[-1] == old_month and "Pinned" not in labels
+
+
 # -- the API key stays on the server -------------------------------------------------------
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from django import template
 from django.conf import settings
 from django.utils import timezone
+from django.utils.formats import date_format
 from django.utils.safestring import SafeString
 from django.utils.timesince import timesince
 
@@ -99,9 +100,11 @@ SIDEBAR_SIZE = 200
 
 
 @register.simple_tag(takes_context=True)
-def conversation_list(context: template.Context) -> Any:
-    """The signed-in person's recent conversations, for the sidebar of every page: those
-    something was said in, and the one open now (a new chat, before its first send)."""
+def conversation_list(context: template.Context) -> list[tuple[str, list[Any]]]:
+    """The signed-in person's conversations for the sidebar of every page, in groups:
+    those pinned, then by when they were last active (Today, Yesterday, Previous 7 days,
+    Previous 30 days, then by month). Listed: those something was said in, and the one
+    open now (a new chat, before its first send)."""
     from chatui.models import Conversation
 
     user = context.get("user")
@@ -111,8 +114,36 @@ def conversation_list(context: template.Context) -> Any:
     current = context.get("conversation")
     if isinstance(current, Conversation):
         shown = shown | Conversation.objects.filter(pk=current.pk)
-    listed = shown.filter(owner=user).only("id", "title", "target_name", "updated_at")
-    return listed[:SIDEBAR_SIZE]
+    listed = shown.filter(owner=user).only("id", "title", "target_name", "updated_at", "pinned_at")
+    pinned = list(listed.filter(pinned_at__isnull=False).order_by("-pinned_at"))
+    recent = list(listed.filter(pinned_at__isnull=True)[:SIDEBAR_SIZE])
+    return date_groups(pinned, recent, timezone.localdate())
+
+
+def day_group(day: date, today: date) -> str:
+    """The sidebar group of a conversation last active on `day`."""
+    age = (today - day).days
+    if age <= 0:
+        return "Today"
+    if age == 1:
+        return "Yesterday"
+    if age <= 7:
+        return "Previous 7 days"
+    if age <= 30:
+        return "Previous 30 days"
+    return date_format(day, "F" if day.year == today.year else "F Y")
+
+
+def date_groups(pinned: list[Any], recent: list[Any], today: date) -> list[tuple[str, list[Any]]]:
+    """Pinned conversations first, then the others (newest first) grouped by day_group."""
+    groups: list[tuple[str, list[Any]]] = [("Pinned", pinned)] if pinned else []
+    for conversation in recent:
+        label = day_group(timezone.localdate(conversation.updated_at), today)
+        if groups and groups[-1][0] == label:  # "Pinned" is never a day
+            groups[-1][1].append(conversation)
+        else:
+            groups.append((label, [conversation]))
+    return groups
 
 
 @register.simple_tag(takes_context=True)

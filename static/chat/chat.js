@@ -209,6 +209,56 @@
     });
   }
 
+  // ---- a tab nobody watches: what happened shows in its title and, if the person
+  // allowed them, as a browser notification ------------------------------------------
+
+  const attention = (() => {
+    let unseen = 0;
+    const bare = (title) => title.replace(/^\(\d+\) /, "");
+    document.addEventListener("visibilitychange", () => {
+      if (!document.hidden && unseen) {
+        unseen = 0;
+        document.title = bare(document.title);
+      }
+    });
+    return {
+      // Only while the tab is hidden: someone looking at the page sees it happen.
+      note(title, body, tag) {
+        if (!document.hidden) return;
+        unseen += 1;
+        document.title = `(${unseen}) ${bare(document.title)}`;
+        if (!("Notification" in window) || Notification.permission !== "granted") return;
+        try {
+          const note = new Notification(title, { body, tag });
+          note.addEventListener("click", () => {
+            window.focus();
+            note.close();
+          });
+        } catch {
+          // A browser that only notifies through a service worker: the title says it.
+        }
+      },
+    };
+  })();
+
+  // The sidebar's "Notify me" asks for the permission (a browser only asks on a click).
+  function setupNotifyButton() {
+    const button = document.querySelector("[data-notify]");
+    if (!button || !("Notification" in window)) return;
+    const state = () => {
+      const permission = Notification.permission;
+      button.hidden = permission === "granted";
+      button.disabled = permission === "denied";
+      button.textContent =
+        permission === "denied" ? "Notifications are blocked" : "Notify me in other tabs";
+    };
+    button.addEventListener("click", async () => {
+      await Notification.requestPermission();
+      state();
+    });
+    state();
+  }
+
   // ---- every page with the Approvals entry: the live count, and the console ----
 
   function ApprovalsFeed() {
@@ -263,6 +313,12 @@
       }
       list.prepend(card);
       if (empty) empty.hidden = true;
+      const where = card.querySelector(".approval-card-title a, .approval-card-title span");
+      attention.note(
+        "A tool call waits for a decision",
+        where ? `In “${where.textContent.trim()}”` : "In the approval console",
+        `approval-${frame.id}`,
+      );
     }
 
     // A decided card keeps the tool and its arguments; the form gives way to the
@@ -400,6 +456,8 @@
     // The approval form whose decision went out and awaits an answer.
     let deciding = null;
     let latestTurn = config.turn;
+    // Turns this page saw running: only their end is news for a hidden tab.
+    const seenRunning = new Set(config.turn && ACTIVE.has(config.turn.status) ? [config.turn.id] : []);
     let socket = null;
     let synced = false;
     // When the last frame arrived: a running turn that stays quiet longer than
@@ -627,12 +685,15 @@
         const newTitle = text.split(/\s+/).filter(Boolean).join(" ").slice(0, 80);
         title.textContent = newTitle;
         document.title = `${newTitle} · chatui`;
-        if (link) link.querySelector(".conversation-title").textContent = newTitle;
+        if (link) link.querySelector("[data-title-text]").textContent = newTitle;
       }
       if (link) {
         const time = link.querySelector("time");
         if (time) time.textContent = "just now";
-        link.parentElement.prepend(link);
+        // To the top of Today, unless it is pinned (pins keep their place).
+        const item = link.closest("[data-conversation-item]");
+        const today = document.querySelector('.conversation-group[data-group="Today"] ul');
+        if (item && today && !item.querySelector(".pin-mark")) today.prepend(item);
       }
     }
 
@@ -856,9 +917,33 @@
           streams.delete(node.dataset.key);
         });
         if (turn.id === latestTurn.id) announce(section, turn);
+        if (seenRunning.delete(turn.id)) callAttention(section, turn);
+      } else {
+        seenRunning.add(turn.id);
       }
       updateComposer();
       stick();
+    }
+
+    // A turn this page saw running ended: a hidden tab says so (a reply, a question,
+    // or a tool call waiting for a decision).
+    function callAttention(section, turn) {
+      const waiting = section.querySelector('[data-kind="question"] form[data-decide]')
+        ? "asks you a question"
+        : section.querySelector("form[data-decide]")
+          ? "needs a decision on a tool call"
+          : "";
+      let body = "";
+      if (waiting) body = `${config.agentName} ${waiting}.`;
+      else if (turn.status === "completed") {
+        const answer = Array.from(section.querySelectorAll(".msg-assistant .md"))
+          .map((node) => node.textContent.trim())
+          .join(" ");
+        body = answer.length > 140 ? `${answer.slice(0, 140)}…` : answer || "Finished.";
+      } else if (turn.status === "failed") body = "The reply failed.";
+      else return; // stopped by the person: nothing to tell them
+      const title = waiting ? `${config.agentName} is waiting for you` : `${config.agentName} replied`;
+      attention.note(title, body, `turn-${turn.id}`);
     }
 
     function announce(section, turn) {
@@ -1563,6 +1648,96 @@
     }
   }
 
+  // The sidebar's conversations: pin and rename in place (the forms work without
+  // JavaScript too), by keyboard as by pointer.
+  function setupConversationList() {
+    // With JavaScript, Rename edits the title in place: the menu's own field is not needed.
+    document.documentElement.classList.add("js");
+    document.addEventListener("submit", (event) => {
+      const pin = event.target.closest("form[data-pin]");
+      const rename = event.target.closest("form[data-rename]");
+      if (pin) {
+        event.preventDefault();
+        togglePin(pin);
+      } else if (rename) {
+        event.preventDefault();
+        startRename(rename);
+      }
+    });
+  }
+
+  // A fresh copy of the list, from the page itself: groups and order as the server has them.
+  async function refreshConversationList(focusId) {
+    const response = await fetch(window.location.href, { headers: { Accept: "text/html" } });
+    if (!response.ok) return;
+    const fresh = parseHTML(await response.text()).querySelector("[data-conversation-list]");
+    const list = document.querySelector("[data-conversation-list]");
+    if (!fresh || !list) return;
+    list.replaceWith(fresh);
+    localTimes(fresh);
+    const item = focusId && fresh.querySelector(`[data-conversation-item="${attr(focusId)}"]`);
+    if (item) item.querySelector(".conversation-link").focus();
+  }
+
+  async function togglePin(form) {
+    const item = form.closest("[data-conversation-item]");
+    const { response } = await postForJson(form.action, new FormData(form));
+    if (response.ok) await refreshConversationList(item && item.dataset.conversationItem);
+  }
+
+  // Rename in place: the title becomes a field; Enter (or leaving it) saves, Escape keeps
+  // the old title.
+  function startRename(form) {
+    const item = form.closest("[data-conversation-item]");
+    const link = item.querySelector(".conversation-link");
+    const text = link.querySelector("[data-title-text]");
+    item.querySelector("details").open = false;
+    const field = element("input", "rename-field");
+    field.type = "text";
+    field.maxLength = 200;
+    field.value = text.textContent;
+    field.setAttribute("aria-label", `New title for “${text.textContent}”`);
+    link.hidden = true;
+    link.before(field);
+    field.focus();
+    field.select();
+    let done = false;
+
+    async function finish(save) {
+      if (done) return;
+      done = true;
+      const title = field.value.trim();
+      if (save && title && title !== text.textContent) {
+        const body = new FormData(form);
+        body.set("title", title);
+        const { response, answer } = await postForJson(form.action, body);
+        if (response.ok && answer.title) {
+          text.textContent = answer.title;
+          form.querySelector("input[name=title]").value = answer.title;
+          const heading = document.querySelector(`h1[data-conversation-title]`);
+          if (link.getAttribute("aria-current") === "page" && heading) {
+            heading.textContent = answer.title;
+            document.title = `${answer.title} · chatui`;
+          }
+        }
+      }
+      field.remove();
+      link.hidden = false;
+      link.focus();
+    }
+
+    field.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") {
+        event.preventDefault();
+        finish(true);
+      } else if (event.key === "Escape") {
+        event.preventDefault();
+        finish(false);
+      }
+    });
+    field.addEventListener("blur", () => finish(true));
+  }
+
   // The sidebar's search: results as the person types (the server renders them), the
   // conversation list again once the field is empty. Enter opens the search page, which
   // is also what a browser without JavaScript gets.
@@ -1655,6 +1830,8 @@
     setupDrawer();
     setupConfirms();
     setupSearch();
+    setupConversationList();
+    setupNotifyButton();
     ApprovalsFeed();
     const data = document.getElementById("chat-config");
     if (data) Conversation(JSON.parse(data.textContent));
