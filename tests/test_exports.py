@@ -236,7 +236,8 @@ def test_the_owner_export_takes_the_same_queries_for_a_long_conversation(
 
 def test_the_conversation_menu_links_both_exports(signed_in, garden):
     html = signed_in.get(reverse("conversation", args=[garden.pk])).content.decode()
-    menu = html[html.index('<div class="menu-panel">') : html.index("</details>")]
+    start = html.index('<div class="menu-panel">')
+    menu = html[start : html.index("</details>", start)]
     assert f'href="{reverse("export_markdown", args=[garden.pk])}" download>Markdown</a>' in menu
     assert f'href="{reverse("export_json", args=[garden.pk])}" download>JSON</a>' in menu
 

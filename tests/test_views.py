@@ -634,7 +634,8 @@ def test_the_sidebar_groups_by_day_with_pins_first(signed_in, user, conversation
     add_turn(conversation, "today")
     pinned = Conversation.objects.get(title="Old")
     pinned.pin(True)
-    html = signed_in.get(reverse("home")).content.decode()
+    page = reverse("conversation", args=[conversation.pk])
+    html = signed_in.get(page).content.decode()
     sidebar = html.split("data-conversation-list>")[1].split("</nav>")[0]
     labels = re.findall(r'class="conversation-group-label"[^>]*>([^<]+)<', sidebar)
     old_month = timezone.localdate(now - timedelta(days=400)).strftime("%B %Y")
@@ -642,7 +643,7 @@ def test_the_sidebar_groups_by_day_with_pins_first(signed_in, user, conversation
     assert sidebar.index("Old") < sidebar.index("Garden plans")  # pinned first
     assert 'aria-label="Pinned"' in sidebar and "Unpin" in sidebar
     pinned.pin(False)
-    html = signed_in.get(reverse("home")).content.decode()
+    html = signed_in.get(page).content.decode()
     labels = re.findall(r'class="conversation-group-label"[^>]*>([^<]+)<', html)
     assert labels[-1] == old_month and "Pinned" not in labels
 
