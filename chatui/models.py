@@ -70,6 +70,7 @@ class Conversation(models.Model):
         indexes = [
             models.Index(fields=["owner", "-updated_at"]),
             models.Index(fields=["-updated_at"]),  # the review list's default order
+            models.Index(fields=["created_at"], name="chatui_conv_created_idx"),  # overview
         ]
         ordering = ["-updated_at"]
 
@@ -449,7 +450,11 @@ class Turn(models.Model):
             models.UniqueConstraint(fields=["conversation", "otid"], name="unique_turn_otid"),
         ]
         # Review filters: conversations with a failed or cancelled turn, by stop reason.
-        indexes = [models.Index(fields=["status"]), models.Index(fields=["stop_reason"])]
+        indexes = [
+            models.Index(fields=["status"]),
+            models.Index(fields=["stop_reason"]),
+            models.Index(fields=["created_at"], name="chatui_turn_created_idx"),  # overview
+        ]
 
     def __str__(self) -> str:
         return f"Turn {self.pk} ({self.status})"
@@ -947,7 +952,10 @@ class ApprovalRequest(models.Model):
                 fields=["conversation", "tool_call_id"], name="one_request_per_tool_call"
             )
         ]
-        indexes = [models.Index(fields=["state", "-created_at"])]
+        indexes = [
+            models.Index(fields=["state", "-created_at"]),
+            models.Index(fields=["decided_at"], name="chatui_approval_decided_idx"),  # overview
+        ]
 
     def __str__(self) -> str:
         return f"{self.tool_name} ({self.state})"

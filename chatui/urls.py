@@ -6,7 +6,7 @@ from django.templatetags.static import static
 from django.urls import path
 from django.views.generic import RedirectView
 
-from chatui import console, exports, views
+from chatui import console, exports, overview, views
 
 urlpatterns = [
     path("", views.home, name="home"),
@@ -75,6 +75,7 @@ urlpatterns = [
         name="export_markdown",
     ),
     path("messages/<int:message_id>/feedback/", views.message_feedback, name="message_feedback"),
+    path("admin/overview/", admin.site.admin_view(overview.overview), name="admin_overview"),
     path("admin/", admin.site.urls),
     # Pages link their icon; this answers clients that ask for the old name anyway.
     path("favicon.ico", RedirectView.as_view(url=static("chat/icon.svg"), permanent=True)),

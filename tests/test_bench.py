@@ -106,6 +106,8 @@ def test_the_quick_bench_prints_every_row_with_sane_numbers(tmp_path):
         "server time over 1,000 conversations, 10,000 messages: the admin's list, a rare word"
     ]
     assert admin[5] == "≤ list + 100 ms", admin
+    board = table["server time over 1,000 conversations, 10,000 messages: the admin's overview"]
+    assert 0 < numbers(board[0])[0] < 5_000 and board[5] == "≤ 300 ms", board
     # It ran in a folder of its own: the developer's has no database.
     assert not list(developer_data.glob("*.sqlite3"))
 

@@ -1455,3 +1455,30 @@ def test_notify_me_asks_for_the_permission(open_chat):
     chat.page.context.grant_permissions(["notifications"])
     button.click()
     button.wait_for(state="hidden")
+
+
+@pytest.mark.parametrize(
+    "viewport,scheme", [(DESKTOP, "light"), (DESKTOP, "dark"), (PHONE, "light"), (PHONE, "dark")]
+)
+def test_the_admin_overview_draws_its_charts(open_chat, chatui_server, demo, viewport, scheme):
+    chatui_server.create_user("overseer", LIVE_PASSWORD, superuser=True)
+    someone = open_chat()
+    someone.start(ECHO)
+    someone.send("something to count")
+    someone.wait_turn("completed")
+    chat = open_chat(viewport=viewport, color_scheme=scheme, username="overseer")
+    page = chat.page
+    page.goto(f"{chatui_server.url}/admin/")
+    page.click("a[href='/admin/overview/']")
+    page.wait_for_url(re.compile(r"/admin/overview/$"))
+    charts = page.locator("svg.chart")
+    assert charts.count() == 6
+    assert charts.first.locator("rect").count() >= 1  # today's conversation, drawn
+    page.locator("figure details summary").first.click()
+    assert page.locator("figure table").first.is_visible()
+    # The chart's text reads in either theme: its colour is the admin's own text colour.
+    fill = page.evaluate("getComputedStyle(document.querySelector('svg.chart .tick')).fill")
+    body = page.evaluate("getComputedStyle(document.body).color")
+    assert fill != "rgb(0, 0, 0)" or body == "rgb(0, 0, 0)", (fill, body)
+    name = "phone" if viewport is PHONE else "desktop"
+    chat.screenshot(f"admin-overview-{name}-{scheme}")

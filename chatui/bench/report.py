@@ -11,6 +11,7 @@ from chatui.bench.run import (
     GOAL_FIRST_ONE_MS,
     GOAL_IDLE_KB,
     GOAL_OPEN_MS,
+    GOAL_OVERVIEW_MS,
     GOAL_P99_MS,
     GOAL_RATE,
     GOAL_SEARCH_MS,
@@ -178,7 +179,7 @@ def goals(results: Results) -> dict[str, bool]:
         "at the largest burst": all(goal[1] for goal in firsts if goal),
     }
     if results.search_ms:
-        met["search in ≤ 100 ms (the admin's: ≤ its list + 100 ms)"] = all(
+        met["search in ≤ 100 ms (the admin's: ≤ its list + 100 ms), overview in ≤ 300 ms"] = all(
             search_goal(results, asked)[1] != "**no**" for asked in results.search_ms
         )
     if results.capacity:
@@ -264,6 +265,8 @@ def search_goal(results: Results, asked: str) -> tuple[str, str]:
     elapsed = results.search_ms[asked]
     if asked == ADMIN_LIST:
         return "–", "–"
+    if asked == "the admin's overview":
+        return f"≤ {GOAL_OVERVIEW_MS:.0f} ms", yes(elapsed <= GOAL_OVERVIEW_MS)
     if asked.startswith("the admin"):
         listed = results.search_ms.get(ADMIN_LIST, 0.0)
         return f"≤ list + {GOAL_SEARCH_MS:.0f} ms", yes(elapsed <= listed + GOAL_SEARCH_MS)
