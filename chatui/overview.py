@@ -128,7 +128,7 @@ def stacked_bars(chart: Chart, series: list[str], unit: str) -> SafeString:
                 f"<title>{escape(row[0])} · {escape(series[number])}: {value:,} {unit}</title>"
                 "</rect>"
             )
-        if index % 7 == 0 or index == len(chart.rows) - 1:
+        if (len(chart.rows) - 1 - index) % 7 == 0:  # every week, ending today
             parts.append(
                 f'<text class="tick" x="{x + step / 2:.1f}" y="{HEIGHT - 6}" '
                 f'text-anchor="middle">{escape(row[0][5:])}</text>'
