@@ -1482,3 +1482,18 @@ def test_the_admin_overview_draws_its_charts(open_chat, chatui_server, demo, vie
     assert fill != "rgb(0, 0, 0)" or body == "rgb(0, 0, 0)", (fill, body)
     name = "phone" if viewport is PHONE else "desktop"
     chat.screenshot(f"admin-overview-{name}-{scheme}")
+
+
+@pytest.mark.parametrize("viewport,scheme", [(PHONE, "light"), (PHONE, "dark"), (DESKTOP, "dark")])
+def test_copy_at_phone_width_and_in_dark(open_chat, demo, viewport, scheme):
+    chat = open_chat(viewport=viewport, color_scheme=scheme)
+    chat.page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    chat.start(SAGE)
+    chat.send("garden plans")
+    chat.wait_turn("completed")
+    answer = chat.last_turn().locator(".msg-assistant").last
+    answer.locator(".code-block [data-copy-code]").first.click()
+    answer.locator(".code-block [data-copy-code].is-copied").first.wait_for()
+    assert "def plan" in chat.page.evaluate("navigator.clipboard.readText()")
+    name = "phone" if viewport is PHONE else "desktop"
+    chat.screenshot(f"copy-{name}-{scheme}")
