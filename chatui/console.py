@@ -81,13 +81,6 @@ def history(request: HttpRequest) -> HttpResponse:
     return render(request, "approvals/history.html", {"approvals": decided})
 
 
-def console_card(request: HttpRequest, approval: ApprovalRequest) -> str:
-    from django.template.loader import render_to_string
-
-    [approval] = with_context(ApprovalRequest.objects.filter(pk=approval.pk))
-    return render_to_string("approvals/_card.html", {"approval": approval}, request=request)
-
-
 @require_POST
 async def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
     """Approve, deny or answer one request from a form (the console, or the chat

@@ -9,6 +9,7 @@ database: it lives in the running turn and goes straight to the browser.
 from __future__ import annotations
 
 import base64
+import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from django.utils import timezone
 from django.utils.functional import cached_property
 from django.utils.safestring import SafeString
 
+from chatui import process
 from chatui.rendering import render_markdown, sanitise
 
 
@@ -186,7 +188,7 @@ class Conversation(models.Model):
                 conversation=send.conversation,
                 otid=send.otid,
                 status=Turn.Status.RUNNING,
-                worker=this_worker(),
+                worker=process.NAME,
                 attempts=1,
                 request={
                     "type": "message",
@@ -252,7 +254,7 @@ class Conversation(models.Model):
                 conversation=self,
                 otid=otid,
                 status=Turn.Status.RUNNING,
-                worker=this_worker(),
+                worker=process.NAME,
                 attempts=1,
                 request={"type": "message", "role": "user", "content": text, "otid": otid},
                 options=self.options,
@@ -338,12 +340,6 @@ class Send:
             else:
                 plain.append(index)
         return plain, sorted(alone)
-
-
-def this_worker() -> str:
-    from chatui.workers import NAME
-
-    return NAME
 
 
 class AttachmentMissing(Exception):
@@ -520,7 +516,7 @@ class Turn(models.Model):
                     kind=kind,
                     otid=otid,
                     status=cls.Status.RUNNING,
-                    worker=this_worker(),
+                    worker=process.NAME,
                     request=request,
                     options=conversation.options,
                 )
@@ -567,6 +563,25 @@ class Turn(models.Model):
         ids = list(streamed.values_list("pk", flat=True))
         streamed.delete()
         return ids
+
+    def is_orphaned(self, alive: set[str] | None = None) -> bool:
+        """Running, yet nobody streams it: its worker is gone, or it is this worker's
+        but this process does not run it (it started again after dying). `alive`: the
+        live workers' names, when the caller has them already."""
+        if self.status not in Turn.ACTIVE:
+            return False
+        if self.worker == process.NAME:
+            run = process.running.get(self.conversation_id)
+            if run is not None and run.turn.pk == self.pk:
+                process.unclaimed_since.pop(self.pk, None)
+                return False
+            if self.created_at < process.STARTED:
+                return True  # an earlier process of this name started it, then died
+            first_seen = process.unclaimed_since.setdefault(self.pk, time.monotonic())
+            return time.monotonic() - first_seen >= settings.WORKER_HEARTBEAT
+        if process.gone_from_this_host(self.worker):
+            return True
+        return self.worker not in (alive if alive is not None else Worker.alive_names())
 
     def set_status(self, status: str) -> None:
         self.status = status
@@ -644,7 +659,7 @@ class Turn(models.Model):
                 stop_reason="",
                 usage={},
                 background=False,
-                worker=this_worker(),
+                worker=process.NAME,
                 attempt_log=[*self.attempt_log, ended],
             )
         )
@@ -1337,6 +1352,12 @@ class Worker(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    @classmethod
+    def alive_names(cls) -> set[str]:
+        """The workers heard from within WORKER_TIMEOUT."""
+        recent = timezone.now() - timedelta(seconds=settings.WORKER_TIMEOUT)
+        return set(cls.objects.filter(last_seen__gte=recent).values_list("name", flat=True))
+
 
 class AgentLock(models.Model):
     """Letta interleaves concurrent requests to one agent unpredictably, so only one
@@ -1356,8 +1377,6 @@ class AgentLock(models.Model):
 
         A lock whose turn ended, or whose worker died, is released on the spot.
         """
-        from chatui.workers import is_orphaned
-
         agent_id = turn.conversation.target_id
         queued_earlier = Turn.objects.filter(
             conversation__target_id=agent_id, status=Turn.Status.QUEUED, pk__lt=turn.pk
@@ -1375,7 +1394,7 @@ class AgentLock(models.Model):
             if held is not None:
                 if held.turn_id == turn.pk:
                     return True
-                if held.turn.status in Turn.ACTIVE and not is_orphaned(held.turn):
+                if held.turn.status in Turn.ACTIVE and not held.turn.is_orphaned():
                     return False
                 held.delete()
             return not queued_earlier.exists() and cls.take(agent_id, turn)
@@ -1385,7 +1404,7 @@ class AgentLock(models.Model):
         """Store the lock; False when another turn holds it."""
         try:
             with transaction.atomic():
-                cls.objects.create(agent_id=agent_id, turn=turn, worker=this_worker())
+                cls.objects.create(agent_id=agent_id, turn=turn, worker=process.NAME)
         except IntegrityError:
             return False
         return True

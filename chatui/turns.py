@@ -28,7 +28,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from pydantic import TypeAdapter
 
-from chatui import layers
+from chatui import layers, process
 from chatui.letta.assembly import Assembler, Completed, Delta, Failed, Stopped, Usage
 from chatui.letta.client import (
     LettaClient,
@@ -114,8 +114,8 @@ def forget_servers() -> None:
     client.conversations_support.clear()
 
 
-# Turns running in this process, by conversation id.
-running: dict[int, TurnRun] = {}
+# Turns running in this process, by conversation id (the registry is chatui.process).
+running: dict[int, TurnRun] = process.running
 
 # While a burst from upstream is read without waiting, the runner steps aside this
 # often (seconds) so that flush timers fire, frames leave and other turns run.

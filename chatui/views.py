@@ -45,14 +45,6 @@ from chatui.models import (
 from chatui.templatetags.chatui import PALETTE
 
 
-def render_page(
-    request: HttpRequest, template: str, *, status: int = 200, **context: Any
-) -> HttpResponse:
-    """Render a page of the signed-in layout (its sidebar lists the conversations itself,
-    see the `conversation_list` tag)."""
-    return render(request, template, context, status=status)
-
-
 def message_page(conversation: Conversation, before: int | None = None) -> tuple[list, bool]:
     """The newest page of messages (older than `before`, if given), oldest first.
 
@@ -169,15 +161,8 @@ def new_conversation(request: HttpRequest) -> HttpResponse:
         conversation = form.save(request.user)
         return redirect("conversation", conversation.pk)
     agents, groups, upstream_error = available_targets(request.user)
-    return render_page(
-        request,
-        "chat/new.html",
-        form=form,
-        agents=agents,
-        groups=groups,
-        upstream_error=upstream_error,
-        status=400 if form.errors else 200,
-    )
+    context = {"form": form, "agents": agents, "groups": groups, "upstream_error": upstream_error}
+    return render(request, "chat/new.html", context, status=400 if form.errors else 200)
 
 
 @login_required
@@ -201,17 +186,16 @@ def conversation(request: HttpRequest, conversation_id: int) -> HttpResponse:
         },
         "turn": latest_turn.as_frame() if latest_turn else None,
     }
-    return render_page(
-        request,
-        "chat/conversation.html",
-        conversation=conversation,
-        page=page,
-        has_older=has_older,
-        retry=latest_turn.pk if latest_turn and latest_turn.as_frame()["retryable"] else None,
-        chat_config=chat_config,
-        members=chat_config["members"],
-        rename_form=RenameConversationForm(initial={"title": conversation.title}),
-    )
+    context = {
+        "conversation": conversation,
+        "page": page,
+        "has_older": has_older,
+        "retry": latest_turn.pk if latest_turn and latest_turn.as_frame()["retryable"] else None,
+        "chat_config": chat_config,
+        "members": chat_config["members"],
+        "rename_form": RenameConversationForm(initial={"title": conversation.title}),
+    }
+    return render(request, "chat/conversation.html", context)
 
 
 @login_required
@@ -304,13 +288,12 @@ def conversation_memory(request: HttpRequest, conversation_id: int) -> HttpRespo
     except LettaError as failure:
         error = f"The Letta server cannot show the agent's memory right now ({failure})."
     panel = "panel" in request.GET
-    return render_page(
-        request,
-        "chat/_memory.html" if panel else "chat/memory.html",
-        conversation=conversation,
-        blocks=[{"block": block, "own": own} for block, own in blocks],
-        error=error,
-    )
+    context = {
+        "conversation": conversation,
+        "blocks": [{"block": block, "own": own} for block, own in blocks],
+        "error": error,
+    }
+    return render(request, "chat/_memory.html" if panel else "chat/memory.html", context)
 
 
 async def fetch_models() -> list[str]:
@@ -342,14 +325,9 @@ def conversation_options(request: HttpRequest, conversation_id: int) -> HttpResp
         flash.success(request, "Reply settings saved. They apply from your next message.")
         return redirect("conversation", conversation.pk)
     panel = request.method == "GET" and "panel" in request.GET
-    return render_page(
-        request,
-        "chat/_options.html" if panel else "chat/options.html",
-        conversation=conversation,
-        form=form,
-        models=models,
-        status=400 if form.errors else 200,
-    )
+    context = {"conversation": conversation, "form": form, "models": models}
+    template = "chat/_options.html" if panel else "chat/options.html"
+    return render(request, template, context, status=400 if form.errors else 200)
 
 
 class FeedbackForm(forms.Form):
