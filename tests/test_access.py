@@ -11,7 +11,7 @@ from django.urls import reverse
 
 from chatui.demo.agents import GROUPS, Echo, Sage
 from chatui.models import ApprovalRequest, Conversation, Message, Target, Turn
-from tests.test_consumers import connect, receive_until, send, turn_ended, wait_for_runner
+from tests.helpers import connect, receive_until, send, turn_ended, wait_for_runner
 
 ECHO, SAGE = Echo().id, Sage().id
 DUO = GROUPS[0].id

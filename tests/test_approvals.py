@@ -20,7 +20,7 @@ from chatui.models import (
     Message,
     Turn,
 )
-from tests.test_consumers import connect, receive_until, send, turn_ended, wait_for_runner
+from tests.helpers import connect, receive_until, send, turn_ended, wait_for_runner
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 

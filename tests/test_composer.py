@@ -11,7 +11,7 @@ from channels.db import database_sync_to_async
 
 from chatui.demo.agents import Echo, Sage
 from chatui.models import ApprovalRequest, Attachment, Conversation, Message, Turn
-from tests.test_consumers import (
+from tests.helpers import (
     connect,
     receive_until,
     send,

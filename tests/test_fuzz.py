@@ -13,7 +13,7 @@ from django.test import Client
 
 from chatui.demo.agents import Echo
 from chatui.models import ApprovalRequest, Conversation, Feedback, Message, Turn
-from tests.test_consumers import connect
+from tests.helpers import connect
 
 pytestmark = [pytest.mark.django_db(transaction=True)]
 

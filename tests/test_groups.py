@@ -8,7 +8,7 @@ from channels.db import database_sync_to_async
 from chatui import turns
 from chatui.demo.agents import GROUPS, Ada, Lin
 from chatui.models import Conversation, Message, TargetKind, Turn
-from tests.test_consumers import (
+from tests.helpers import (
     connect,
     receive_until,
     send,

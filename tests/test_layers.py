@@ -18,7 +18,7 @@ from channels.layers import get_channel_layer
 from chatui import layers
 from chatui.models import Conversation, Message
 from chatui.settings import redis_channel_layer
-from tests.test_consumers import (
+from tests.helpers import (
     ECHO_AGENT_ID,
     connect,
     receive_until,

@@ -16,7 +16,7 @@ from django.urls import reverse
 
 from chatui.demo.agents import Echo
 from chatui.models import AgentLock, ApprovalRequest, Conversation, Message, Target, Turn
-from tests.test_consumers import (
+from tests.helpers import (
     connect,
     receive_until,
     send,

@@ -15,7 +15,7 @@ from channels.db import database_sync_to_async
 from chatui import workers
 from chatui.demo.agents import Echo
 from chatui.models import AgentLock, Conversation, Message, Turn, Worker
-from tests.test_consumers import (
+from tests.helpers import (
     connect,
     joined,
     receive_until,

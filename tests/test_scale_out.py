@@ -25,8 +25,8 @@ from django.core.management.base import CommandError
 
 from chatui.demo.agents import Echo
 from chatui.management.commands.bench import throwaway_database
+from tests.helpers import joined, turn_ended
 from tests.live_server import ChatuiServer
-from tests.test_consumers import joined, turn_ended
 from tests.test_resilience import frames_until, new_conversation
 
 pytestmark = [pytest.mark.scale_out, pytest.mark.timeout(120)]
