@@ -15,6 +15,7 @@ import json
 import logging
 import ssl
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -325,7 +326,10 @@ def tls_context() -> ssl.SSLContext:
 # a turn reuses one instead of connecting. Idle ones go before Letta's (uvicorn's 5 s)
 # would, so a request never races the server closing its connection.
 KEEPALIVE_SECONDS = 3.0
-POOLS = "chatui_letta_pools"  # the loop's attribute: the pools go with their loop
+# Each event loop's pooled clients, by server: they go when their loop goes.
+pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx.AsyncClient]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def http_client(
@@ -344,7 +348,7 @@ def http_client(
 def shared_http(base_url: str, api_key: str, timeout: httpx.Timeout) -> httpx.AsyncClient:
     """The running loop's pooled HTTP client for one server and key."""
     loop = asyncio.get_running_loop()
-    by_server: dict[tuple, httpx.AsyncClient] = loop.__dict__.setdefault(POOLS, {})
+    by_server = pools.setdefault(loop, {})
     key = (base_url, api_key, timeout.connect, timeout.read)
     http = by_server.get(key)
     if http is None or http.is_closed:
