@@ -532,3 +532,52 @@ def searched() -> None:
     message.save()
     after = list(search.matching_messages("deploying clus").filter(conversation=chat))
     print(json.dumps({"texts": texts, "after_edit": [m.text for m in after], "plan": plan}))
+
+
+def test_the_overview_on_postgres_takes_percentiles_in_the_database(workers):
+    a, _ = workers
+    result = a.manage(
+        "shell",
+        "-v",
+        "0",
+        "-c",
+        "from tests.test_scale_out import overseen; overseen()",
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    # As percentile_cont: the median of 10, 20, 30 s is 20, the 90th percentile 28.
+    assert ["overview_tool", 3, 20.0, 28.0] in rows, rows
+
+
+def overseen() -> None:
+    """Run in a worker's environment: three decisions, 10, 20 and 30 s after asking."""
+    import uuid
+    from datetime import timedelta
+
+    from django.contrib.auth import get_user_model
+    from django.db import connection
+    from django.utils import timezone
+
+    from chatui import overview
+    from chatui.models import ApprovalRequest, Conversation, Turn
+
+    assert connection.vendor == "postgresql", connection.vendor
+    owner, _ = get_user_model().objects.get_or_create(username="overseen")
+    chat = Conversation.objects.create(owner=owner, target_id="agent-o", target_name="O")
+    turn = Turn.objects.create(conversation=chat, otid=str(uuid.uuid4()), status="completed")
+    now = timezone.now()
+    for wait in (10, 20, 30):
+        request = ApprovalRequest.objects.create(
+            conversation=chat,
+            turn=turn,
+            tool_call_id=f"call-{uuid.uuid4()}",
+            tool_name="overview_tool",
+            state=ApprovalRequest.State.APPROVED,
+            decided_by=owner,
+        )
+        ApprovalRequest.objects.filter(pk=request.pk).update(
+            created_at=now - timedelta(seconds=wait), decided_at=now
+        )
+    [by_tool] = [c for c in overview.charts() if c.slug == "approvals-by-tool"]
+    print(json.dumps(by_tool.rows))
