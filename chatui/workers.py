@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 
 # The registry (this worker's name, its start, the turns it runs) lives in
 # chatui.process; these names stay here for the code that reads them from workers.
-NAME, STARTED, unclaimed_since = process.NAME, process.STARTED, process.unclaimed_since
-gone_from_this_host = process.gone_from_this_host
+HOST, NAME, STARTED = process.HOST, process.NAME, process.STARTED
+unclaimed_since, gone_from_this_host = process.unclaimed_since, process.gone_from_this_host
 
 
 def claim(turn: Turn) -> bool:
