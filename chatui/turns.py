@@ -20,12 +20,14 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import transaction
 from pydantic import TypeAdapter
 
 from chatui import layers, process
@@ -500,7 +502,7 @@ class TurnRun:
         async def record() -> None:
             if previous is not None:
                 await previous
-            await database_sync_to_async(self.turn.record_run)(run_id, background=background)
+            await trip_queue("runs").submit((self.turn, run_id, background))
 
         self.recording = asyncio.create_task(record())
 
@@ -996,26 +998,29 @@ class Stored:
     message_frame: dict[str, Any] | None = None
 
 
-class SendQueue:
-    """Sends on their way to the database thread.
+class TripQueue:
+    """Work of one kind on its way to the database thread, shared trips.
 
     Every trip to the database goes through one thread per process, in order. When many
-    people press Send at once, the sends that arrive while a trip runs wait here, and
-    the next trip stores them all together (Conversation.start_turns), prepares their
-    runners and takes what locks they need: the hundredth send of a burst waits for a
-    few trips, not for ninety-nine. Each turn is committed before its runner starts,
-    so a message is still stored before anything goes upstream.
+    turns do the same thing at once (people pressing Send, runs telling their ids), the
+    items that arrive while a trip runs wait here, and the next trip does them all with
+    `work` (a list in, an outcome or exception per item out): the hundredth of a burst
+    waits for a few trips, not for ninety-nine. An item is done, committed, before its
+    caller goes on. `unclaimed` gets the outcome of an item whose caller went away.
     """
 
-    def __init__(self) -> None:
-        self.waiting: list[tuple[Send, asyncio.Future[Stored]]] = []
+    def __init__(
+        self, work: Callable[[list[Any]], list[Any]], unclaimed: Callable[[Any], None] | None = None
+    ) -> None:
+        self.work, self.unclaimed = work, unclaimed
+        self.waiting: list[tuple[Any, asyncio.Future[Any]]] = []
         self.trip: asyncio.Task | None = None
 
-    async def store(self, send: Send) -> Stored:
-        """Store one send (with whatever else is waiting); raise what start_turn raises."""
+    async def submit(self, item: Any) -> Any:
+        """Do one item (with whatever else is waiting); raise what its work raised."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Stored] = loop.create_future()
-        self.waiting.append((send, future))
+        future: asyncio.Future[Any] = loop.create_future()
+        self.waiting.append((item, future))
         if self.trip is None:
             self.trip = loop.create_task(self.drain(), context=contextvars.Context())
         return await future
@@ -1025,13 +1030,13 @@ class SendQueue:
             while self.waiting:
                 batch, self.waiting = self.waiting, []
                 try:
-                    outcomes = await database_sync_to_async(store_sends)([s for s, _ in batch])
-                except Exception as error:  # the trip itself failed: every send says so
+                    outcomes = await database_sync_to_async(self.work)([i for i, _ in batch])
+                except Exception as error:  # the trip itself failed: every item says so
                     outcomes = [error] * len(batch)
                 for (_, future), outcome in zip(batch, outcomes, strict=True):
-                    if future.done():  # its socket went away; the turn runs anyway
-                        if isinstance(outcome, Stored) and outcome.run is not None:
-                            outcome.run.start()
+                    if future.done():
+                        if self.unclaimed is not None:
+                            self.unclaimed(outcome)
                     elif isinstance(outcome, Exception):
                         future.set_exception(outcome)
                     else:
@@ -1059,18 +1064,41 @@ def store_sends(sends: list[Send]) -> list[Stored | Exception]:
     return stored
 
 
-send_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, SendQueue] = (
+def start_unclaimed(outcome: Any) -> None:
+    """A send whose socket went away before it was stored: its turn runs anyway."""
+    if isinstance(outcome, Stored) and outcome.run is not None:
+        outcome.run.start()
+
+
+def record_runs(runs: list[tuple[Turn, str, bool]]) -> list[None]:
+    """Store the run ids of several turns (turn, run id, background), in one trip."""
+    with transaction.atomic():
+        for turn, run_id, background in runs:
+            turn.record_run(run_id, background=background)
+    return [None] * len(runs)
+
+
+# Each event loop's queues, by what they do.
+trip_queues: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, TripQueue]] = (
     weakref.WeakKeyDictionary()
 )
+QUEUES: dict[str, tuple[Callable[[list[Any]], list[Any]], Callable[[Any], None] | None]] = {
+    "sends": (store_sends, start_unclaimed),
+    "runs": (record_runs, None),
+}
+
+
+def trip_queue(kind: str) -> TripQueue:
+    """This event loop's queue of one kind ("sends", "runs")."""
+    queues = trip_queues.setdefault(asyncio.get_running_loop(), {})
+    if kind not in queues:
+        queues[kind] = TripQueue(*QUEUES[kind])
+    return queues[kind]
 
 
 async def store_send(send: Send) -> Stored:
-    """Store a person's message and its new turn (this event loop's SendQueue)."""
-    loop = asyncio.get_running_loop()
-    queue = send_queues.get(loop)
-    if queue is None:
-        queue = send_queues[loop] = SendQueue()
-    return await queue.store(send)
+    """Store a person's message and its new turn, sharing a trip with other sends."""
+    return await trip_queue("sends").submit(send)
 
 
 async def start_turn(turn: Turn, conversation: Conversation, run: TurnRun | None = None) -> TurnRun:

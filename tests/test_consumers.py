@@ -501,6 +501,11 @@ async def test_sends_that_arrive_together_are_stored_together(
         lambda: sorted(Message.objects.filter(kind="user").values_list("text", flat=True))
     )()
     assert stored == sorted(f"hello number {n}" for n in range(12))
+    # Their runs' ids were stored too (they share trips as well).
+    missing = await database_sync_to_async(
+        lambda: Turn.objects.filter(conversation__in=conversations, run_id="").count()
+    )()
+    assert missing == 0
     for socket in sockets:
         await socket.disconnect()
 
