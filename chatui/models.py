@@ -106,13 +106,9 @@ class Conversation(models.Model):
 
     def check_send_rate(self) -> None:
         """Raise SendRateExceeded when the owner sent too much lately (all conversations)."""
-        window = settings.SEND_RATE_WINDOW
-        since = timezone.now() - timezone.timedelta(seconds=window)
-        recent = Turn.objects.filter(
-            conversation__owner_id=self.owner_id, kind=Turn.Kind.MESSAGE, created_at__gte=since
-        ).count()
+        recent = Turn.sent_lately().filter(conversation__owner_id=self.owner_id).count()
         if recent >= settings.SEND_RATE_LIMIT:
-            raise SendRateExceeded(settings.SEND_RATE_LIMIT, window)
+            raise SendRateExceeded(settings.SEND_RATE_LIMIT, settings.SEND_RATE_WINDOW)
 
     def pending_approvals(self) -> models.QuerySet[ApprovalRequest]:
         return self.approval_requests.filter(state=ApprovalRequest.State.PENDING)
@@ -183,41 +179,11 @@ class Conversation(models.Model):
         """Store checked sends: their turns, their messages and their conversations'
         titles and times, in one transaction."""
         now = timezone.now()
-        turns = [
-            Turn(
-                conversation=send.conversation,
-                otid=send.otid,
-                status=Turn.Status.RUNNING,
-                worker=process.NAME,
-                attempts=1,
-                request={
-                    "type": "message",
-                    "role": "user",
-                    "content": send.text,
-                    "otid": send.otid,
-                },
-                options=send.conversation.options,
-                created_at=now,
-            )
-            for send in sends
-        ]
+        built = [send.conversation.new_turn(send.text, send.otid, now) for send in sends]
+        turns = [turn for turn, _ in built]
         with transaction.atomic():
             Turn.objects.bulk_create(turns)
-            messages = Message.objects.bulk_create(
-                [
-                    Message(
-                        conversation=send.conversation,
-                        turn=turn,
-                        kind=Message.Kind.USER,
-                        otid=send.otid,
-                        sender=send.conversation.owner.get_username(),
-                        text=send.text,
-                        payload={"role": "user", "content": send.text, "otid": send.otid},
-                        created_at=now,
-                    )
-                    for send, turn in zip(sends, turns, strict=True)
-                ]
-            )
+            messages = Message.objects.bulk_create([message for _, message in built])
             # One statement for the times of all chats that have a title; a chat's first
             # message gives it its title (a bulk_update of both costs more than the rest).
             titled = []
@@ -226,7 +192,7 @@ class Conversation(models.Model):
                 if send.conversation.title:
                     titled.append(send.conversation.pk)
                 else:
-                    send.conversation.title = " ".join(send.text.split())[:80] or "Images"
+                    send.conversation.title = title_for(send.text)
                     send.conversation.save(update_fields=["updated_at", "title"])
             if titled:
                 Conversation.objects.filter(pk__in=titled).update(updated_at=now)
@@ -234,6 +200,32 @@ class Conversation(models.Model):
             message.image_list = []
             turn.user_message = message
         return turns
+
+    def new_turn(self, text: str, otid: str, now: Any = None) -> tuple[Turn, Message]:
+        """A person's message and the turn it starts, not yet stored: the turn running on
+        this worker with its first attempt counted (TurnRun.begin_early)."""
+        now = now or timezone.now()
+        turn = Turn(
+            conversation=self,
+            otid=otid,
+            status=Turn.Status.RUNNING,
+            worker=process.NAME,
+            attempts=1,
+            request={"type": "message", "role": "user", "content": text, "otid": otid},
+            options=self.options,
+            created_at=now,
+        )
+        message = Message(
+            conversation=self,
+            turn=turn,
+            kind=Message.Kind.USER,
+            otid=otid,
+            sender=self.owner.get_username(),
+            text=text,
+            payload={"role": "user", "content": text, "otid": otid},
+            created_at=now,
+        )
+        return turn, message
 
     def store_turn(self, text: str, otid: str, attachments: list[int]) -> Turn:
         """Check that the owner may send now, then store the turn and its message."""
@@ -249,37 +241,27 @@ class Conversation(models.Model):
             images = [found[pk] for pk in dict.fromkeys(attachments) if pk in found]
         if len(images) != len(attachments):
             raise AttachmentMissing()
+        turn, message = self.new_turn(text, otid)
         with transaction.atomic():
-            turn = Turn.objects.create(
-                conversation=self,
-                otid=otid,
-                status=Turn.Status.RUNNING,
-                worker=process.NAME,
-                attempts=1,
-                request={"type": "message", "role": "user", "content": text, "otid": otid},
-                options=self.options,
-            )
-            message = Message.objects.create(
-                conversation=self,
-                turn=turn,
-                kind=Message.Kind.USER,
-                otid=otid,
-                sender=self.owner.get_username(),
-                text=text,
-                payload={"role": "user", "content": text, "otid": otid},
-            )
+            turn.save()
+            message.save()
             if images:
                 for position, image in enumerate(images):
                     image.message, image.position = message, position
                 Attachment.objects.bulk_update(images, ["message", "position"])
             self.updated_at = timezone.now()
             if not self.title:
-                self.title = " ".join(text.split())[:80] or "Images"
+                self.title = title_for(text)
             self.save(update_fields=["updated_at", "title"])
         # What the first frames need, without asking the database again.
         message.image_list = images
         turn.user_message = message
         return turn
+
+
+def title_for(text: str) -> str:
+    """A chat's title from its first message: the first 80 characters, on one line."""
+    return " ".join(text.split())[:80] or "Images"
 
 
 @dataclass
@@ -302,7 +284,8 @@ class Send:
             if send.conversation.pk in seen:
                 alone.append(index)  # a turn at a time per conversation: the first goes
             seen.add(send.conversation.pk)
-        candidates = [i for i in range(len(sends)) if i not in set(alone)]
+        single = set(alone)
+        candidates = [i for i in range(len(sends)) if i not in single]
         if not candidates:
             return [], sorted(alone)
         chosen = [sends[i] for i in candidates]
@@ -318,11 +301,8 @@ class Send:
             ).values_list("conversation_id", flat=True)
         )
         sent = dict(
-            Turn.objects.filter(
-                conversation__owner__in={s.conversation.owner_id for s in chosen},
-                kind=Turn.Kind.MESSAGE,
-                created_at__gte=timezone.now() - timedelta(seconds=settings.SEND_RATE_WINDOW),
-            )
+            Turn.sent_lately()
+            .filter(conversation__owner__in={s.conversation.owner_id for s in chosen})
             .values_list("conversation__owner")
             .annotate(count=models.Count("pk"))
         )
@@ -563,6 +543,12 @@ class Turn(models.Model):
         ids = list(streamed.values_list("pk", flat=True))
         streamed.delete()
         return ids
+
+    @classmethod
+    def sent_lately(cls) -> models.QuerySet[Turn]:
+        """Messages sent within SEND_RATE_WINDOW (the send limit counts them)."""
+        since = timezone.now() - timedelta(seconds=settings.SEND_RATE_WINDOW)
+        return cls.objects.filter(kind=cls.Kind.MESSAGE, created_at__gte=since)
 
     def is_orphaned(self, alive: set[str] | None = None) -> bool:
         """Running, yet nobody streams it: its worker is gone, or it is this worker's
