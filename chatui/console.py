@@ -31,6 +31,7 @@ from chatui.models import (
     Message,
     TurnActive,
 )
+from chatui.views import wants_json
 
 CONTEXT_MESSAGES = 4
 
@@ -95,13 +96,11 @@ async def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
         raise PermissionDenied("You may not decide this request.")
     # The console's script asks for JSON and updates the card in place; a plain form
     # post (no JavaScript) is sent back to the page with a message.
-    wants_json = request.get_preferred_type(["text/html", "application/json"]) == (
-        "application/json"
-    )
+    as_json = wants_json(request)
     form = DecisionForm(request.POST)
     if not await sync_to_async(form.is_valid)():
         problems = [error for errors in form.errors.values() for error in errors]
-        if wants_json:
+        if as_json:
             return JsonResponse({"error": " ".join(problems)}, status=400)
         for problem in problems:
             await sync_to_async(messages.error)(request, problem)
@@ -111,12 +110,12 @@ async def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
     except DecisionNotAllowed as refused:
         raise PermissionDenied(str(refused)) from refused
     except (AlreadyDecided, TurnActive) as error:
-        if wants_json:
+        if as_json:
             return JsonResponse({"error": str(error)}, status=409)
         await sync_to_async(messages.warning)(request, str(error))
         return redirect_back(request)
     await turns.publish_decision(approval, turn)
-    if wants_json:
+    if as_json:
         return JsonResponse(await sync_to_async(approval.as_frame)())
     await sync_to_async(messages.success)(
         request, f"{approval.tool_name}: {approval.get_state_display().lower()}."

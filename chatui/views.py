@@ -221,17 +221,16 @@ def rename_conversation(request: HttpRequest, conversation_id: int) -> HttpRespo
     """Rename from the chat's menu or in place in the sidebar (answered in JSON)."""
     conversation = get_object_or_404(Conversation, pk=conversation_id, owner=request.user)
     form = RenameConversationForm(request.POST)
+    too_long = "That title is too long (200 characters at most)."
     if form.is_valid():
         conversation.title = form.cleaned_data["title"]
         conversation.save(update_fields=["title"])
-    elif wants_json(request):
-        return JsonResponse(
-            {"error": "That title is too long (200 characters at most)."}, status=400
-        )
-    else:
-        flash.error(request, "That title is too long (200 characters at most).")
     if wants_json(request):
+        if form.errors:
+            return JsonResponse({"error": too_long}, status=400)
         return JsonResponse({"title": str(conversation)})
+    if form.errors:
+        flash.error(request, too_long)
     return redirect(back_to(request, reverse("conversation", args=[conversation.pk])))
 
 
@@ -256,7 +255,8 @@ def pin_conversation(request: HttpRequest, conversation_id: int) -> HttpResponse
 
 
 def wants_json(request: HttpRequest) -> bool:
-    return "application/json" in request.headers.get("Accept", "")
+    """Whether the caller (a page's script) asked for JSON rather than a page."""
+    return request.get_preferred_type(["text/html", "application/json"]) == "application/json"
 
 
 def back_to(request: HttpRequest, default: str) -> str:
@@ -349,12 +349,9 @@ def message_feedback(request: HttpRequest, message_id: int) -> HttpResponse:
         kind=Message.Kind.ASSISTANT,
         conversation__owner=request.user,
     )
-    wants_json = request.get_preferred_type(["text/html", "application/json"]) == (
-        "application/json"
-    )
     form = FeedbackForm(request.POST)
     if not form.is_valid():
-        if wants_json:
+        if wants_json(request):
             return JsonResponse({"errors": form.errors.get_json_data()}, status=400)
         flash.error(request, "Choose helpful or not helpful (comments up to 2,000 characters).")
         return redirect("conversation", message.conversation_id)
@@ -363,7 +360,7 @@ def message_feedback(request: HttpRequest, message_id: int) -> HttpResponse:
         user=request.user,
         defaults={"rating": form.cleaned_data["rating"], "comment": form.cleaned_data["comment"]},
     )
-    if wants_json:
+    if wants_json(request):
         return JsonResponse({"rating": feedback.rating, "comment": feedback.comment})
     return redirect("conversation", message.conversation_id)
 
