@@ -1318,6 +1318,12 @@ def test_pin_rename_in_place_and_delete_from_the_sidebar_by_keyboard(open_chat, 
     pinned = page.locator('.conversation-group[data-group="Pinned"] [data-conversation-item]')
     assert pinned.count() == 1 and "apples" in pinned.inner_text()
     assert page.evaluate("document.activeElement.closest('[data-conversation-item]') !== null")
+    # The list the pin brought back is the one a search hides, and shows again.
+    page.locator("[data-search-input]").fill("apples")
+    page.locator("[data-search-hit]").first.wait_for()
+    assert page.locator("[data-conversation-list]").is_hidden()
+    page.locator("[data-search-input]").press("Escape")
+    page.locator("[data-conversation-list]").wait_for()
     # Rename the current chat in place: the sidebar and the page's heading follow.
     current = page.locator("[data-conversation-item].is-current")
     current.locator("summary").click()

@@ -1673,9 +1673,10 @@
     const fresh = parseHTML(await response.text()).querySelector("[data-conversation-list]");
     const list = document.querySelector("[data-conversation-list]");
     if (!fresh || !list) return;
-    list.replaceWith(fresh);
-    localTimes(fresh);
-    const item = focusId && fresh.querySelector(`[data-conversation-item="${attr(focusId)}"]`);
+    // The same element, new content: the search keeps hold of it to hide and show it.
+    list.replaceChildren(...fresh.childNodes);
+    localTimes(list);
+    const item = focusId && list.querySelector(`[data-conversation-item="${attr(focusId)}"]`);
     if (item) item.querySelector(".conversation-link").focus();
   }
 
