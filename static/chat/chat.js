@@ -936,9 +936,7 @@
       let body = "";
       if (waiting) body = `${config.agentName} ${waiting}.`;
       else if (turn.status === "completed") {
-        const answer = Array.from(section.querySelectorAll(".msg-assistant .md"))
-          .map((node) => node.textContent.trim())
-          .join(" ");
+        const answer = replyText(section);
         body = answer.length > 140 ? `${answer.slice(0, 140)}…` : answer || "Finished.";
       } else if (turn.status === "failed") body = "The reply failed.";
       else return; // stopped by the person: nothing to tell them
@@ -946,13 +944,18 @@
       attention.note(title, body, `turn-${turn.id}`);
     }
 
+    // What the agent answered in a turn, as one line of text.
+    function replyText(section) {
+      return Array.from(section.querySelectorAll(".msg-assistant .md"))
+        .map((node) => node.textContent.trim())
+        .filter(Boolean)
+        .join(" ");
+    }
+
     function announce(section, turn) {
       let text;
       if (turn.status === "completed") {
-        const answers = Array.from(section.querySelectorAll(".msg-assistant .md"))
-          .map((node) => node.textContent.trim())
-          .filter(Boolean);
-        const reply = answers.join(" ");
+        const reply = replyText(section);
         text = reply
           ? `${config.agentName} replied: ${reply.length > 400 ? `${reply.slice(0, 400)}…` : reply}`
           : `${config.agentName} finished.`;
