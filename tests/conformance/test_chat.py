@@ -20,11 +20,11 @@ import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
 
-from chatui import turns
 from chatui.asgi import application
 from chatui.letta.client import LettaClient
 from chatui.models import Conversation, Message, Turn
 from chatui.testbed.llm import SLOW_TAIL, THOUGHT, USAGE
+from tests.helpers import joined, send, turn_ended, wait_for_runner
 
 pytestmark = [pytest.mark.conformance, pytest.mark.django_db(transaction=True)]
 
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.conformance, pytest.mark.django_db(transaction=True)]
 TURN_TIMEOUT = 60
 
 
-# -- driving the socket (as tests/test_consumers.py does) --------------------------------
+# -- driving the socket (the shared helpers: tests/helpers.py) ---------------------------
 
 
 async def connect(conversation: Conversation, cookie: bytes) -> WebsocketCommunicator:
@@ -59,51 +59,12 @@ async def receive_until(communicator, predicate, timeout: float = TURN_TIMEOUT) 
             return frames
 
 
-def turn_ended(frame: dict) -> bool:
-    return frame["type"] == "turn" and frame["turn"]["status"] in (
-        "completed",
-        "failed",
-        "cancelled",
-    )
-
-
-async def send(communicator, text: str, otid: str | None = None) -> None:
-    frame = {"type": "send", "text": text}
-    if otid:
-        frame["otid"] = otid
-    await communicator.send_to(text_data=json.dumps(frame))
-
-
 async def chat_turn(communicator, conversation: Conversation, text: str, otid: str) -> list[dict]:
     """Send one message and return every frame up to the end of its turn."""
     await send(communicator, text, otid)
     frames = await receive_until(communicator, turn_ended)
     await wait_for_runner(conversation)
     return frames
-
-
-async def wait_for_runner(conversation: Conversation) -> None:
-    """Let the turn's task finish its last writes before the test reads the database."""
-    run = turns.running.get(conversation.pk)
-    if run is not None and run.task is not None:
-        await asyncio.wait_for(asyncio.shield(run.task), 30)
-
-
-def joined(frames: list[dict]) -> dict[str, str]:
-    """The text a page shows for each streamed key: the same merge chat.js does."""
-    texts: dict[str, str] = {}
-    for frame in frames:
-        if frame["type"] == "snapshot":
-            for message in frame["open"]:
-                texts[message["key"]] = message["text"]
-        elif frame["type"] == "delta":
-            for delta in frame["deltas"]:
-                if delta["field"] != "text":
-                    continue
-                have = texts.get(delta["key"], "")
-                if delta["offset"] <= len(have):  # else a gap: wait for a snapshot
-                    texts[delta["key"]] = have + delta["text"][len(have) - delta["offset"] :]
-    return texts
 
 
 def delta_frames(frames: list[dict]) -> list[dict]:
