@@ -15,6 +15,7 @@ import re
 import sys
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Any
 
 import httpx
 import psycopg
@@ -313,16 +314,22 @@ async def test_two_workers_deciding_one_approval_at_once_make_one_decision(
 def test_concurrent_decisions_on_postgres_are_exactly_once(workers):
     """Many rounds of two threads deciding one request at the same instant, on PostgreSQL."""
     a, _ = workers
-    result = a.manage(
-        "shell", "-v", "0", "-c", "from tests.test_scale_out import race; race(25)", check=False
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rounds = json.loads(result.stdout.strip().splitlines()[-1])
+    rounds = in_worker(a, race, 25)
     assert len(rounds) == 25
     for outcome in rounds:
         assert sorted(outcome["outcomes"]) == ["already_decided", "decided"], outcome
         assert outcome["decision_turns"] == 1, outcome
         assert outcome["state"] in ("approved", "denied"), outcome
+
+
+def in_worker(worker: Any, function: Any, *args: int) -> Any:
+    """Run a function of this module in a worker's environment (`manage.py shell`) and
+    return what it printed last, as JSON."""
+    name = function.__name__
+    call = f"from tests.test_scale_out import {name}; {name}({', '.join(map(str, args))})"
+    result = worker.manage("shell", "-v", "0", "-c", call, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def race(rounds: int) -> None:
@@ -453,16 +460,7 @@ def test_trips_to_postgres_reuse_pooled_sessions(workers):
     """Each trip to the database thread closes its connection; on PostgreSQL that hands
     it back to the process's pool instead of ending the session."""
     a, _ = workers
-    result = a.manage(
-        "shell",
-        "-v",
-        "0",
-        "-c",
-        "from tests.test_scale_out import backends; backends(20)",
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    pids = json.loads(result.stdout.strip().splitlines()[-1])
+    pids = in_worker(a, backends, 20)
     # Without a pool every trip is a new session: 20 server processes.
     assert len(pids) == 20 and len(set(pids)) <= 4, pids
 
@@ -484,16 +482,7 @@ def backends(trips: int) -> None:
 def test_search_on_postgres_finds_through_its_gin_index(workers):
     """The message search runs on PostgreSQL's full-text index, kept current by it."""
     a, _ = workers
-    result = a.manage(
-        "shell",
-        "-v",
-        "0",
-        "-c",
-        "from tests.test_scale_out import searched; searched()",
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    found = in_worker(a, searched)
     assert found["texts"] == ["Deploying the new cluster went fine"], found
     assert found["after_edit"] == [], found
     assert "chatui_message_text_search" in found["plan"], found["plan"]
@@ -536,16 +525,7 @@ def searched() -> None:
 
 def test_the_overview_on_postgres_takes_percentiles_in_the_database(workers):
     a, _ = workers
-    result = a.manage(
-        "shell",
-        "-v",
-        "0",
-        "-c",
-        "from tests.test_scale_out import overseen; overseen()",
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = in_worker(a, overseen)
     # As percentile_cont: the median of 10, 20, 30 s is 20, the 90th percentile 28.
     assert ["overview_tool", 3, 20.0, 28.0] in rows, rows
 
