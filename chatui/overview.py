@@ -99,16 +99,23 @@ def day_chart(
     return chart
 
 
+def svg_start(chart: Chart, height: int) -> str:
+    """A chart's <svg>, named and described for screen readers by its title."""
+    return (
+        f'<svg class="chart" viewBox="0 0 {WIDTH} {height}" role="img" '
+        f'aria-labelledby="{chart.slug}-title {chart.slug}-desc">'
+        f'<title id="{chart.slug}-title">{escape(chart.title)}</title>'
+        f'<desc id="{chart.slug}-desc">{escape(chart.description)}</desc>'
+    )
+
+
 def stacked_bars(chart: Chart, series: list[str], unit: str) -> SafeString:
     totals = [row[-1] for row in chart.rows]
     top = max(totals, default=0) or 1
     left, bottom, plot_h = 48, 22, HEIGHT - 40
     step = (WIDTH - left) / max(len(chart.rows), 1)
     parts = [
-        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-        f'aria-labelledby="{chart.slug}-title {chart.slug}-desc">',
-        f'<title id="{chart.slug}-title">{escape(chart.title)}</title>',
-        f'<desc id="{chart.slug}-desc">{escape(chart.description)}</desc>',
+        svg_start(chart, HEIGHT),
         f'<line class="axis" x1="{left}" y1="{HEIGHT - bottom}" x2="{WIDTH}" '
         f'y2="{HEIGHT - bottom}"/>',
         f'<text class="tick" x="{left - 6}" y="{HEIGHT - bottom - plot_h + 4}" '
@@ -147,10 +154,7 @@ def bar_chart(chart: Chart, value_column: int, unit: str = "") -> SafeString:
     top = max((row[value_column] or 0 for row in chart.rows), default=0) or 1
     label_w, height = 220, BAR_ROW * max(len(chart.rows), 1) + 8
     parts = [
-        f'<svg class="chart" viewBox="0 0 {WIDTH} {height}" role="img" '
-        f'aria-labelledby="{chart.slug}-title {chart.slug}-desc">',
-        f'<title id="{chart.slug}-title">{escape(chart.title)}</title>',
-        f'<desc id="{chart.slug}-desc">{escape(chart.description)}</desc>',
+        svg_start(chart, height),
     ]
     if not chart.rows:
         parts.append(f'<text class="tick" x="0" y="18">Nothing in the last {DAYS} days.</text>')
