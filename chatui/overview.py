@@ -136,9 +136,12 @@ def stacked_bars(chart: Chart, series: list[str], unit: str) -> SafeString:
                 "</rect>"
             )
         if (len(chart.rows) - 1 - index) % 7 == 0:  # every week, ending today
+            # Today's label ends at the edge rather than being cut in half by it.
+            last = index == len(chart.rows) - 1
+            at, anchor = (WIDTH, "end") if last else (x + step / 2, "middle")
             parts.append(
-                f'<text class="tick" x="{x + step / 2:.1f}" y="{HEIGHT - 6}" '
-                f'text-anchor="middle">{escape(row[0][5:])}</text>'
+                f'<text class="tick" x="{at:.1f}" y="{HEIGHT - 6}" '
+                f'text-anchor="{anchor}">{escape(row[0][5:])}</text>'
             )
     parts.append("</svg>")
     legend = "".join(
