@@ -14,6 +14,7 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from chatui.process import settle_heap  # noqa: E402
 from chatui.routing import websocket_urlpatterns  # noqa: E402
 from chatui.workers import WithUpkeep  # noqa: E402
 
@@ -27,3 +28,6 @@ application = WithUpkeep(
         }
     )
 )
+
+# Last: everything start-up imported is made, and kept out of later collections.
+settle_heap()

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 from django.utils import timezone
 
@@ -100,3 +105,20 @@ async def test_the_takeover_log_names_the_dead_worker(chat, settings, caplog, de
         [run] = await workers.take_over(chat.pk)
         await run.task
     assert f"worker {workers.NAME} takes over turn {run.turn.pk} (was {dead})" in caplog.text
+
+
+def test_the_served_application_keeps_start_up_out_of_garbage_collections():
+    # A full collection walks every object, with the event loop stopped; the worker
+    # freezes what start-up made, so a walk under load sees only the live streams.
+    program = (
+        "import gc, json, django; from chatui import asgi; "
+        "print(json.dumps([gc.get_freeze_count(), gc.get_threshold()]))"
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "chatui.settings"}
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    frozen, threshold = json.loads(done.stdout.splitlines()[-1])
+    assert frozen > 50_000  # Django, channels, chatui's modules
+    assert threshold[0] > 700  # fewer young collections than Python's default
