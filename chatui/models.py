@@ -1386,6 +1386,43 @@ class AgentLock(models.Model):
             return not queued_earlier.exists() and cls.take(agent_id, turn)
 
     @classmethod
+    def acquire_many(cls, turns: list[Turn]) -> dict[int, bool]:
+        """acquire() for turns that start together, by turn id: the agents nobody holds
+        or queues for are taken with one insert, in one transaction, rather than a
+        query and a transaction per turn. The others (a lock already stored, someone
+        queued, two turns for one agent, or an insert that collides with another
+        worker's) go through acquire() one at a time, in the order the turns queued."""
+        turns = sorted(turns, key=lambda turn: turn.pk)
+        by_agent: dict[str, list[Turn]] = {}
+        for turn in turns:
+            by_agent.setdefault(turn.conversation.target_id, []).append(turn)
+        busy = set(
+            cls.objects.filter(agent_id__in=by_agent).values_list("agent_id", flat=True)
+        ) | set(
+            Turn.objects.filter(
+                conversation__target_id__in=by_agent, status=Turn.Status.QUEUED
+            ).values_list("conversation__target_id", flat=True)
+        )
+        free = [
+            group[0] for agent, group in by_agent.items() if len(group) == 1 and agent not in busy
+        ]
+        taken: dict[int, bool] = {}
+        if free:
+            try:
+                with transaction.atomic():
+                    cls.objects.bulk_create(
+                        cls(agent_id=turn.conversation.target_id, turn=turn, worker=process.NAME)
+                        for turn in free
+                    )
+                taken = {turn.pk: True for turn in free}
+            except IntegrityError:
+                pass  # another worker took one of them meanwhile: each asks on its own
+        for turn in turns:
+            if turn.pk not in taken:
+                taken[turn.pk] = cls.acquire(turn)
+        return taken
+
+    @classmethod
     def take(cls, agent_id: str, turn: Turn) -> bool:
         """Store the lock; False when another turn holds it."""
         try:

@@ -617,19 +617,22 @@ class TurnRun:
         self.turn.mark_attempt()
         return self.acquire()
 
-    def begin_early(self) -> None:
+    def begin_early(self, locked: bool | None = None) -> None:
         """Take the agent's lock on the trip that stored the turn (sync code), which
         counted the attempt already; on failure the runner tries begin() itself, and
-        fails the turn readably if it must."""
+        fails the turn readably if it must. `locked`: the lock was asked for already,
+        together with other turns' (AgentLock.acquire_many), and this was the answer."""
         try:
-            self.begun = self.acquire()
+            self.begun = self.acquire(locked)
         except Exception:
             log.exception("turn %s: could not begin with its send", self.turn.pk)
 
-    def acquire(self) -> bool:
+    def acquire(self, locked: bool | None = None) -> bool:
         """Take the agent's lock (only a shared thread has one) and, with it, build the
         request to send."""
-        if self.needs_lock and not AgentLock.acquire(self.turn):
+        if locked is None and self.needs_lock:
+            locked = AgentLock.acquire(self.turn)
+        if locked is False:
             return False
         if not self.taking_over:
             self.prepared = self.request()
@@ -1048,6 +1051,7 @@ class TripQueue:
 def store_sends(sends: list[Send]) -> list[Stored | Exception]:
     """Store sends and prepare the runners of the new turns, in one trip."""
     stored: list[Stored | Exception] = []
+    runs: list[TurnRun] = []
     for send, outcome in zip(sends, Conversation.start_turns(sends), strict=True):
         if isinstance(outcome, Exception):
             stored.append(outcome)
@@ -1057,10 +1061,18 @@ def store_sends(sends: list[Send]) -> list[Stored | Exception]:
             stored.append(Stored(turn, created=False))
             continue
         run = TurnRun(turn, send.conversation)
-        # The runner's first trip to the database thread, taken on this one: with many
-        # sends at once, every trip saved starts every stream sooner.
-        run.begin_early()
+        runs.append(run)
         stored.append(Stored(turn, True, run, turn.user_message.as_frame()))
+    # The runners' first trip to the database thread, taken on this one: with many
+    # sends at once, every trip saved starts every stream sooner. The agents' locks
+    # are taken together.
+    try:
+        locked = AgentLock.acquire_many([run.turn for run in runs if run.needs_lock])
+    except Exception:
+        log.exception("could not lock the agents of %s new turns together", len(runs))
+        locked = {}
+    for run in runs:
+        run.begin_early(locked.get(run.turn.pk))
     return stored
 
 
