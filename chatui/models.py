@@ -184,18 +184,22 @@ class Conversation(models.Model):
         with transaction.atomic():
             Turn.objects.bulk_create(turns)
             messages = Message.objects.bulk_create([message for _, message in built])
-            # One statement for the times of all chats that have a title; a chat's first
-            # message gives it its title (a bulk_update of both costs more than the rest).
-            titled = []
+            # One statement for the times of all chats, one for the titles of those
+            # this message is the first of (a lone one: a single statement for both).
+            untitled = []
             for send in sends:
                 send.conversation.updated_at = now
-                if send.conversation.title:
-                    titled.append(send.conversation.pk)
-                else:
+                if not send.conversation.title:
                     send.conversation.title = title_for(send.text)
-                    send.conversation.save(update_fields=["updated_at", "title"])
-            if titled:
-                Conversation.objects.filter(pk__in=titled).update(updated_at=now)
+                    untitled.append(send.conversation)
+            if len(untitled) == 1 and len(sends) == 1:
+                untitled[0].save(update_fields=["updated_at", "title"])
+            else:
+                Conversation.objects.filter(pk__in=[send.conversation.pk for send in sends]).update(
+                    updated_at=now
+                )
+                if untitled:
+                    Conversation.objects.bulk_update(untitled, ["title"])
         for turn, message in zip(turns, messages, strict=True):
             message.image_list = []
             turn.user_message = message
