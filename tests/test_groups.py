@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from channels.db import database_sync_to_async
 
-from chatui import turns
 from chatui.demo.agents import GROUPS, Ada, Lin
+from chatui.letta import servers
 from chatui.models import Conversation, Message, TargetKind, Turn
 from tests.helpers import (
     connect,
@@ -119,7 +119,7 @@ async def test_stop_cancels_each_members_runs(group_chat, user_cookie, demo):
     assert cancelled == {f"/v1/agents/{m['id']}/messages/cancel" for m in MEMBERS}
     turn = await database_sync_to_async(Turn.objects.get)(conversation=group_chat)
     assert turn.status == "cancelled"
-    assert turns.no_group_stream == set()
+    assert all(server.group_stream for server in servers.known.values())
     await communicator.disconnect()
 
 

@@ -612,7 +612,7 @@ def test_the_group_request_has_no_stream_options():
 def test_the_current_approval_form_is_what_letta_received(capture, decision, letta_captures):
     # 0.11.7 refused it with a 422 that quotes the body it was given.
     detail = json.loads(letta_captures[f"letta-0.11.7/{capture}"].body)["detail"]
-    sent = LettaRequest(messages=[ApprovalCreate.from_approvals([decision])]).body()
+    sent = LettaRequest(messages=[ApprovalCreate(approvals=[decision])]).body()
     assert sent["messages"][0] == detail[1]["input"]
 
 
@@ -620,8 +620,11 @@ def test_the_legacy_approval_form_has_the_fields_0_11_7_requires(letta_captures)
     detail = json.loads(letta_captures["letta-0.11.7/sse_approval_approve.txt"].body)["detail"]
     required = {d["loc"][-1] for d in detail if d["loc"][-2] == "ApprovalCreate"}
     assert required == {"approve", "approval_request_id"}
-    body = ApprovalCreate.legacy(
-        "message-e7d838b7-673f-48a3-ad2a-2dce74ec1a3d", False, "Too much", otid="o1"
+    body = ApprovalCreate(
+        approval_request_id="message-e7d838b7-673f-48a3-ad2a-2dce74ec1a3d",
+        approve=False,
+        reason="Too much",
+        otid="o1",
     ).model_dump(mode="json", exclude_none=True)
     assert body == {
         "type": "approval",
@@ -634,7 +637,7 @@ def test_the_legacy_approval_form_has_the_fields_0_11_7_requires(letta_captures)
 
 def test_tool_returns_serialize():
     result = ToolReturn(tool_call_id="c1", status="success", tool_return="42", stdout=["ok"])
-    approval = ApprovalCreate.from_approvals([result], otid="o2").model_dump(
+    approval = ApprovalCreate(approvals=[result], otid="o2").model_dump(
         mode="json", exclude_none=True
     )
     assert approval == {

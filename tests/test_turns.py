@@ -5,27 +5,18 @@ from __future__ import annotations
 
 
 def test_what_was_learnt_about_servers_is_forgotten_at_once():
-    from chatui import turns
-    from chatui.letta import client
+    from chatui.letta import servers
 
-    for learnt in (
-        turns.legacy_approvals,
-        turns.no_background,
-        turns.no_group_stream,
-        turns.no_token_approvals,
-    ):
-        learnt.add("http://letta.example")
-    turns.approval_agents["agent-x"] = True
-    client.conversations_support["http://letta.example"] = (False, 0.0)
-    turns.forget_servers()
-    assert not (
-        turns.legacy_approvals
-        or turns.no_background
-        or turns.no_group_stream
-        or turns.no_token_approvals
-        or turns.approval_agents
-        or client.conversations_support
-    )
+    learnt = servers.at("http://letta.example")
+    learnt.approvals_list = learnt.background = learnt.group_stream = False
+    learnt.approval_stream_crashed("agent-x")
+    learnt.learn_conversations(False)
+    servers.forget()
+    fresh = servers.at("http://letta.example")
+    assert fresh is not learnt
+    assert fresh.approvals_list and fresh.background and fresh.group_stream
+    assert fresh.token_approvals and not fresh.approval_agents
+    assert fresh.knows_conversations() is None
 
 
 async def test_items_that_arrive_while_a_trip_runs_share_the_next_one(db):

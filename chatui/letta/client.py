@@ -24,6 +24,7 @@ from typing import Any, Literal
 import httpx
 from httpx_sse import EventSource
 
+from chatui.letta import servers
 from chatui.letta.schemas import (
     Agent,
     Block,
@@ -115,12 +116,6 @@ class Thread:
 
     def __str__(self) -> str:
         return self.conversation_id or self.agent_id
-
-
-# What each server (by base URL) said about its conversations API, and when: a server
-# is asked again after a while, so an upgraded one is noticed without a restart.
-CONVERSATIONS_RECHECK = 600.0
-conversations_support: dict[str, tuple[bool, float]] = {}
 
 
 def _render_detail(body: bytes) -> str:
@@ -419,6 +414,11 @@ class LettaClient:
     def __repr__(self) -> str:
         return f"<LettaClient {self.base_url}>"
 
+    @property
+    def server(self) -> servers.Server:
+        """What this client's server was seen to support."""
+        return servers.at(self.base_url)
+
     async def __aenter__(self) -> LettaClient:
         return self
 
@@ -550,28 +550,21 @@ class LettaClient:
     async def has_conversations(self, agent_id: str) -> bool | None:
         """Whether the server has the conversations API, learnt from its answers (not
         its version) and remembered for a while; None when it cannot tell now."""
-        known = conversations_support.get(self.base_url)
-        if known is not None and time.monotonic() - known[1] < CONVERSATIONS_RECHECK:
-            return known[0]
+        known = self.server.knows_conversations()
+        if known is not None:
+            return known
         validate_agent_id(agent_id)
         try:
             await self._json("GET", "/v1/conversations/", params={"agent_id": agent_id, "limit": 1})
         except LettaHTTPError as error:
             if not route_missing(error):
                 return None
-            self.learn_conversations(False)
+            self.server.learn_conversations(False)
             return False
         except LettaError:
             return None
-        self.learn_conversations(True)
+        self.server.learn_conversations(True)
         return True
-
-    def learn_conversations(self, supported: bool) -> None:
-        if conversations_support.get(self.base_url, (None,))[0] != supported:
-            logger.info(
-                "%s %s conversations", self.base_url, "has" if supported else "does not have"
-            )
-        conversations_support[self.base_url] = (supported, time.monotonic())
 
     async def create_conversation(
         self, agent_id: str, *, summary: str = "", isolated_block_labels: list[str] | None = None
@@ -591,12 +584,12 @@ class LettaClient:
             )
         except LettaHTTPError as error:
             if route_missing(error):
-                self.learn_conversations(False)
+                self.server.learn_conversations(False)
                 raise NoConversations(
                     "this Letta server has no conversations API", status=error.status
                 ) from error
             raise
-        self.learn_conversations(True)
+        self.server.learn_conversations(True)
         conversation = LettaConversation.model_validate(data)
         validate_conversation_id(conversation.id)
         return conversation
@@ -725,18 +718,6 @@ class LettaClient:
     async def get_run(self, run_id: str) -> Run:
         validate_run_id(run_id)
         return Run.model_validate(await self._json("GET", f"/v1/runs/{run_id}"))
-
-    async def list_runs(self, agent_id: str | None = None, active: bool | None = None) -> list[Run]:
-        params: dict[str, Any] = {}
-        if agent_id is not None:
-            validate_agent_id(agent_id)
-            # Newer Letta filters on agent_id, 0.11.7 on agent_ids; each ignores the other.
-            params["agent_id"] = agent_id
-            params["agent_ids"] = agent_id
-        if active is not None:
-            params["active"] = "true" if active else "false"
-        data = await self._json("GET", "/v1/runs/", params=params)
-        return [Run.model_validate(item) for item in self._expect_list(data, "/v1/runs/")]
 
     # --- plumbing --------------------------------------------------------------
 

@@ -252,36 +252,6 @@ class ApprovalCreate(LettaModel):
     otid: str | None = None
     group_id: str | None = None
 
-    @classmethod
-    def from_approvals(
-        cls,
-        approvals: list[ApprovalReturn | ToolReturn],
-        *,
-        otid: str | None = None,
-        group_id: str | None = None,
-    ) -> ApprovalCreate:
-        """The current form: one ApprovalReturn (or ToolReturn) per tool call."""
-        return cls(approvals=list(approvals), otid=otid, group_id=group_id)
-
-    @classmethod
-    def legacy(
-        cls,
-        approval_request_id: str,
-        approve: bool,
-        reason: str | None = None,
-        *,
-        otid: str | None = None,
-        group_id: str | None = None,
-    ) -> ApprovalCreate:
-        """The legacy form; approval_request_id is the approval request MESSAGE id."""
-        return cls(
-            approval_request_id=approval_request_id,
-            approve=approve,
-            reason=reason,
-            otid=otid,
-            group_id=group_id,
-        )
-
 
 class ToolReturnCreate(LettaModel):
     """Results of client-side tools, sent back so the agent can continue."""
@@ -303,6 +273,8 @@ class ClientTool(LettaModel):
 RequestMessage = Annotated[
     MessageCreate | ApprovalCreate | ToolReturnCreate, Field(discriminator="type")
 ]
+# Parses one stored request item (a dict) into its request model.
+REQUEST_ITEM: TypeAdapter[Any] = TypeAdapter(RequestMessage)
 
 
 class LettaRequest(LettaModel):

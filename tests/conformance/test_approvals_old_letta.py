@@ -19,6 +19,7 @@ import pytest
 from channels.db import database_sync_to_async
 
 from chatui import turns
+from chatui.letta import servers
 from chatui.models import ApprovalRequest, Conversation, Message, Turn
 from tests.conformance.test_approvals import (
     PAY,
@@ -207,7 +208,7 @@ async def test_old_letta_gets_the_legacy_form_and_chatui_remembers_it(
             },
         ),
     ]
-    assert proxy.url in turns.legacy_approvals
+    assert not servers.at(proxy.url).approvals_list
     # Unlike 0.16.4 (F2), 0.11.7 streams the denial's tool result in token mode.
     denied = "Error: request to call tool denied. User reason: round one"
     (result,) = await stored(chat, "tool_return")

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from chatui import turns
+from chatui.letta import servers
 from chatui.models import Conversation, Message, TargetKind
 from chatui.testbed.llm import THOUGHT
 from tests.conformance.test_chat import (
@@ -127,7 +127,7 @@ async def test_without_the_group_stream_chatui_waits_for_the_whole_round(
 ):
     # As if chatui had learnt this server has no group stream (Letta after 0.11.7
     # answers 405 there); 0.11.7 has both routes, so the plain one can be proved here.
-    monkeypatch.setattr(turns, "no_group_stream", {settings.LETTA_BASE_URL})
+    monkeypatch.setattr(servers.at(settings.LETTA_BASE_URL), "group_stream", False)
     communicator = await connect(group_chat, user_cookie)
     frames = await chat_turn(communicator, group_chat, "hello plainly", "otid-group-plain1")
     await communicator.disconnect()
