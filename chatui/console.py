@@ -15,52 +15,22 @@ from django import forms
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404, render
 from django.urls import reverse
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
-from chatui import turns
+from chatui import approvals, turns
+from chatui.approvals import pending_for, with_context
 from chatui.forms import DecisionForm
 from chatui.models import (
     AlreadyDecided,
     ApprovalRequest,
     DecisionNotAllowed,
-    Message,
     TurnActive,
 )
 from chatui.views import wants_json
-
-CONTEXT_MESSAGES = 4
-
-
-def pending_for(user: Any) -> QuerySet[ApprovalRequest]:
-    return ApprovalRequest.decidable_by(user).filter(state=ApprovalRequest.State.PENDING)
-
-
-def with_context(requests: QuerySet[ApprovalRequest]) -> list[ApprovalRequest]:
-    """Requests with their conversation and its last few messages, in a fixed number of
-    queries."""
-    requests = list(requests.select_related("conversation__owner", "decided_by"))
-    conversation_ids = {request.conversation_id for request in requests}
-    recent: dict[int, list[Message]] = {}
-    for conversation_id in conversation_ids:
-        latest = Message.objects.filter(
-            conversation_id=conversation_id,
-            kind__in=[Message.Kind.USER, Message.Kind.ASSISTANT],
-        ).order_by("-pk")[:CONTEXT_MESSAGES]
-        recent[conversation_id] = list(reversed(latest))
-    shown: set[int | None] = set()
-    for request in requests:
-        # Parallel calls of one request share one context, shown with the first card.
-        request.sibling = request.message_id is not None and request.message_id in shown
-        shown.add(request.message_id)
-        request.context_messages = (
-            [] if request.sibling else recent.get(request.conversation_id, [])
-        )
-    return requests
 
 
 @login_required
@@ -106,7 +76,7 @@ async def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
             await sync_to_async(messages.error)(request, problem)
         return redirect_back(request)
     try:
-        turn = await sync_to_async(approval.decide)(user, **form.cleaned_data)
+        turn = await approvals.decide(approval, user, **form.cleaned_data)
     except DecisionNotAllowed as refused:
         raise PermissionDenied(str(refused)) from refused
     except (AlreadyDecided, TurnActive) as error:
@@ -114,7 +84,8 @@ async def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
             return JsonResponse({"error": str(error)}, status=409)
         await sync_to_async(messages.warning)(request, str(error))
         return redirect_back(request)
-    await turns.publish_decision(approval, turn)
+    if turn is not None:
+        await turns.start_decided(turn)
     if as_json:
         return JsonResponse(await sync_to_async(approval.as_frame)())
     await sync_to_async(messages.success)(
@@ -156,13 +127,14 @@ async def decide_all(request: HttpRequest, message_id: int) -> HttpResponse:
     decided = 0
     for approval in waiting:
         try:
-            turn = await sync_to_async(approval.decide)(
-                user, form.cleaned_data["decision"], reason=form.cleaned_data["reason"]
+            turn = await approvals.decide(
+                approval, user, form.cleaned_data["decision"], reason=form.cleaned_data["reason"]
             )
         except (AlreadyDecided, TurnActive):
             continue  # someone else was quicker with this one
         decided += 1
-        await turns.publish_decision(approval, turn)
+        if turn is not None:
+            await turns.start_decided(turn)
     verb = "approved" if form.cleaned_data["decision"] == "approve" else "denied"
     await sync_to_async(messages.success)(request, f"{decided} calls {verb}.")
     return redirect_back(request)

@@ -20,8 +20,20 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from pydantic import ValidationError
 
-from chatui import layers, turns, workers
-from chatui.frames import DecideFrame, RetryFrame, SendFrame, StopFrame, SyncFrame, parse_frame
+from chatui import approvals, layers, turns, workers
+from chatui.frames import (
+    ApprovalFrame,
+    DecideFrame,
+    MessageFrame,
+    RetryFrame,
+    SendFrame,
+    StopFrame,
+    SyncedFrame,
+    SyncFrame,
+    error_frame,
+    parse_frame,
+    turn_frame,
+)
 from chatui.models import (
     AlreadyDecided,
     ApprovalPending,
@@ -142,19 +154,18 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             return
         except ApprovalPending as pending:
             await self.send_json(
-                {
-                    "type": "error",
-                    "code": "approval_pending",
-                    "message": str(pending),
-                    "approvals": [request.pk for request in pending.requests],
-                }
+                error_frame(
+                    "approval_pending",
+                    str(pending),
+                    approvals=[request.pk for request in pending.requests],
+                )
             )
             return
         if not stored.created:
-            await self.send_json({"type": "turn", "turn": stored.turn.as_frame()})
+            await self.send_json(turn_frame(stored.turn))
             return
-        await self.broadcast({"type": "message", "message": stored.message_frame})
-        await self.broadcast({"type": "turn", "turn": stored.turn.as_frame()})
+        await self.broadcast(MessageFrame(message=stored.message_frame).data())
+        await self.broadcast(turn_frame(stored.turn))
         await turns.start_turn(stored.turn, self.conversation, stored.run)
 
     async def stop(self) -> None:
@@ -176,7 +187,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
                 "not_retryable", "Only the latest failed or stopped reply can be retried."
             )
             return
-        await self.broadcast({"type": "turn", "turn": turn.as_frame()})
+        await self.broadcast(turn_frame(turn))
         await turns.start_turn(turn, self.conversation)
 
     def restart_turn(self, turn_id: int) -> Turn | None:
@@ -197,22 +208,26 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             await self.send_error("not_found", "There is no such request in this conversation.")
             return
         try:
-            turn = await database_sync_to_async(request.decide)(
-                self.scope["user"], frame.decision, reason=frame.reason, answer=frame.answer
+            turn = await approvals.decide(
+                request,
+                self.scope["user"],
+                frame.decision,
+                reason=frame.reason,
+                answer=frame.answer,
             )
         except DecisionNotAllowed as refused:
             await self.send_error("forbidden", str(refused))
             return
         except AlreadyDecided as decided:
             await self.send_error("already_decided", str(decided))
-            await self.send_json(
-                {"type": "approval", "approval": await database_sync_to_async(request.as_frame)()}
-            )
+            approval = await database_sync_to_async(request.as_frame)()
+            await self.send_json(ApprovalFrame(approval=approval).data())
             return
         except TurnActive:
             await self.send_error("turn_active", "A reply is still in progress.")
             return
-        await turns.publish_decision(request, turn)
+        if turn is not None:
+            await turns.start_decided(turn)
 
     async def sync(self, frame: SyncFrame) -> None:
         """Catch a (re)connecting page up: stored messages it lacks, then what is streaming.
@@ -226,13 +241,13 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             frames, active, latest = await database_sync_to_async(self.catch_up)(frame.after)
             self.synced_after = max([frame.after, *(message["id"] for message in frames)])
             for message in frames:
-                await self.send_json({"type": "message", "message": message})
+                await self.send_json(MessageFrame(message=message).data())
             if active is None:
                 if latest is not None:
-                    await self.send_json({"type": "turn", "turn": latest.as_frame()})
-                await self.send_json({"type": "synced"})
+                    await self.send_json(turn_frame(latest))
+                await self.send_json(SyncedFrame().data())
                 return
-            await self.send_json({"type": "turn", "turn": active.as_frame()})
+            await self.send_json(turn_frame(active))
             # A turn whose worker died is taken over here, then streams like any other.
             here = turns.running.get(self.conversation.pk)
             if here is None or here.turn.pk != active.pk:
@@ -255,14 +270,14 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             self.snapshot_timeout = None
         for message in event.get("messages", ()):
             if message["id"] > self.synced_after:
-                await self.send_json({"type": "message", "message": message})
+                await self.send_json(MessageFrame(message=message).data())
         await self.send_json(event["frame"])
-        await self.send_json({"type": "synced"})
+        await self.send_json(SyncedFrame().data())
 
     async def snapshot_missing(self) -> None:
         """No turn answered: it runs nowhere (a worker died), so say what is known."""
         self.snapshot_timeout = None
-        await self.send_json({"type": "synced"})
+        await self.send_json(SyncedFrame().data())
 
     def catch_up(self, after: int) -> tuple[list[dict[str, Any]], Turn | None, Turn | None]:
         """Stored messages after `after`, the running turn, and the latest turn."""
@@ -302,7 +317,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         await self.send(text_data=json.dumps(content))
 
     async def send_error(self, code: str, message: str) -> None:
-        await self.send_json({"type": "error", "code": code, "message": message})
+        await self.send_json(error_frame(code, message))
 
 
 class ApprovalConsoleConsumer(AsyncWebsocketConsumer):
@@ -317,47 +332,20 @@ class ApprovalConsoleConsumer(AsyncWebsocketConsumer):
         if not self.scope["user"].is_authenticated:
             await self.close(code=CLOSE_NOT_LOGGED_IN)
             return
-        await self.channel_layer.group_add(turns.APPROVALS_GROUP, self.channel_name)
+        await self.channel_layer.group_add(approvals.APPROVALS_GROUP, self.channel_name)
         self.joined = True
 
     async def disconnect(self, code: int) -> None:
         if getattr(self, "joined", False):
-            await self.channel_layer.group_discard(turns.APPROVALS_GROUP, self.channel_name)
+            await self.channel_layer.group_discard(approvals.APPROVALS_GROUP, self.channel_name)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         """The console only listens; decisions are posted as forms."""
-        await self.send(
-            text_data=json.dumps(
-                {"type": "error", "code": "read_only", "message": "This socket only listens."}
-            )
-        )
+        await self.send(text_data=json.dumps(error_frame("read_only", "This socket only listens.")))
 
     async def approvals_changed(self, event: dict[str, Any]) -> None:
         """Requests arrived or were decided somewhere: show this user what concerns them."""
-        frames = await database_sync_to_async(self.frames_for)(event["ids"], event["action"])
+        user = self.scope["user"]
+        frames = await database_sync_to_async(approvals.console_frames)(user, event["ids"])
         for frame in frames:
             await self.send(text_data=json.dumps(frame))
-
-    def frames_for(self, ids: list[int], action: str) -> list[dict[str, Any]]:
-        from django.template.loader import render_to_string
-
-        from chatui.console import pending_for, with_context
-
-        user = self.scope["user"]
-        visible = ApprovalRequest.decidable_by(user).filter(pk__in=ids)
-        frames = []
-        for approval in with_context(visible):
-            frame: dict[str, Any] = {
-                "type": "approval.added" if approval.is_pending else "approval.decided",
-                "id": approval.pk,
-                "state": approval.state,
-            }
-            if approval.is_pending:
-                frame["html"] = render_to_string("approvals/_card.html", {"approval": approval})
-            else:
-                frame["by"] = approval.decided_by.get_username() if approval.decided_by else ""
-                frame["html"] = render_to_string("chat/_approval.html", {"approval": approval})
-            frames.append(frame)
-        if frames:
-            frames.append({"type": "approval.count", "pending": pending_for(user).count()})
-        return frames

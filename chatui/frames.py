@@ -1,12 +1,17 @@
-"""What a browser may send over a conversation's websocket, as pydantic models.
+"""Every websocket frame, both ways, as pydantic models.
 
-Every frame is parsed here before any other code sees it; anything that does not
-validate gets an error frame back and the socket stays open.
+From the browser: every frame is parsed here before any other code sees it; anything
+that does not validate gets an error frame back and the socket stays open.
+
+To the browser: every frame chatui sends is built with its model here, as a dict
+(`.data()`) that is encoded once for every socket watching. The README's protocol
+section shows one example of each, and tests/test_frames.py checks those examples
+against these models, so the two cannot drift apart.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from django.conf import settings
 from pydantic import (
@@ -19,7 +24,7 @@ from pydantic import (
     model_validator,
 )
 
-__all__ = ["ClientFrame", "ValidationError", "parse_frame"]
+__all__ = ["ClientFrame", "ServerFrame", "ValidationError", "parse_frame"]
 
 
 class Frame(BaseModel):
@@ -112,3 +117,196 @@ client_frame = TypeAdapter(ClientFrame)
 
 def parse_frame(text: str) -> SendFrame | StopFrame | RetryFrame | DecideFrame | SyncFrame:
     return client_frame.validate_json(text)
+
+
+# -- to the browser ---------------------------------------------------------------------
+
+
+class Out(BaseModel):
+    """A frame (or part of one) chatui sends. Optional flags left unset are left out."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def data(self) -> dict[str, Any]:
+        fields = self.model_dump(exclude_unset=True)
+        if "type" in type(self).model_fields:  # first, as every example shows it
+            return {"type": self.type, **fields}  # type: ignore[attr-defined]
+        return fields
+
+
+class TurnState(Out):
+    """A turn as the page shows it (Turn.as_frame)."""
+
+    id: int
+    status: Literal["queued", "running", "completed", "cancelled", "failed"]
+    status_label: str
+    stop_reason: str
+    reason_label: str
+    usage: dict[str, Any]
+    error: str
+    error_code: str
+    retryable: bool
+    attempt: int
+    earlier_attempts: list[dict[str, Any]]
+    stopping: bool | None = None  # after Stop
+    waiting: bool | None = None  # a group answers without a stream
+    memory_changed: bool | None = None  # the agent edited its memory blocks
+
+
+class StoredMessage(Out):
+    """A stored, complete message, rendered by the page's template (Message.as_frame)."""
+
+    id: int
+    key: str
+    kind: str
+    turn: int | None
+    html: str
+
+
+class DeltaPiece(Out):
+    """New text for one message still streaming (turns.Outbox)."""
+
+    key: str
+    kind: str
+    field: Literal["text", "arguments"]
+    offset: int
+    text: str
+    tool_call_id: str | None
+    name: str | None
+    sender: str | None = None  # a group member's name, on its message's first piece
+
+
+class OpenMessage(Out):
+    """A message still streaming, whole so far (Message.open_frame)."""
+
+    key: str
+    kind: str
+    sender: str
+    text: str
+    tool_calls: list[dict[str, str]]
+
+
+class ApprovalState(Out):
+    """A tool call that waits for a person, with its form or record (ApprovalRequest)."""
+
+    id: int
+    state: Literal["pending", "approved", "denied", "answered", "expired"]
+    tool_call_id: str
+    html: str
+
+
+class MessageFrame(Out):
+    type: Literal["message"] = "message"
+    message: StoredMessage
+
+
+class DeltaFrame(Out):
+    type: Literal["delta"] = "delta"
+    turn: int
+    deltas: list[DeltaPiece]
+
+    @staticmethod
+    def fast(turn: int, deltas: list[dict[str, Any]]) -> dict[str, Any]:
+        """The delta frame's data, unchecked: the one frame made many times a second
+        per turn. Its pieces come from turns.Outbox, whose shape tests/test_frames.py
+        checks against DeltaPiece."""
+        return {"type": "delta", "turn": turn, "deltas": deltas}
+
+
+class SnapshotFrame(Out):
+    type: Literal["snapshot"] = "snapshot"
+    turn: TurnState
+    open: list[OpenMessage]
+
+
+class TurnFrame(Out):
+    type: Literal["turn"] = "turn"
+    turn: TurnState
+
+
+class ApprovalFrame(Out):
+    type: Literal["approval"] = "approval"
+    approval: ApprovalState
+
+
+class RetractFrame(Out):
+    type: Literal["retract"] = "retract"
+    ids: list[int]
+
+
+class SyncedFrame(Out):
+    type: Literal["synced"] = "synced"
+
+
+class ErrorFrame(Out):
+    type: Literal["error"] = "error"
+    code: Literal[
+        "bad_frame",
+        "unknown_type",
+        "too_large",
+        "turn_active",
+        "approval_pending",
+        "attachment_missing",
+        "rate_limited",
+        "not_retryable",
+        "not_running",
+        "not_found",
+        "forbidden",
+        "already_decided",
+        "read_only",
+    ]
+    message: str
+    approvals: list[int] | None = None  # approval_pending: the requests to decide
+
+
+# The approval console's socket.
+
+
+class ApprovalAddedFrame(Out):
+    """A request this user may decide arrived: its card."""
+
+    type: Literal["approval.added"] = "approval.added"
+    id: int
+    state: str
+    html: str
+
+
+class ApprovalDecidedFrame(Out):
+    """A request this user could decide was decided, by `by`: its record."""
+
+    type: Literal["approval.decided"] = "approval.decided"
+    id: int
+    state: str
+    by: str
+    html: str
+
+
+class ApprovalCountFrame(Out):
+    type: Literal["approval.count"] = "approval.count"
+    pending: int
+
+
+ServerFrame = Annotated[
+    MessageFrame
+    | DeltaFrame
+    | SnapshotFrame
+    | TurnFrame
+    | ApprovalFrame
+    | RetractFrame
+    | SyncedFrame
+    | ErrorFrame
+    | ApprovalAddedFrame
+    | ApprovalDecidedFrame
+    | ApprovalCountFrame,
+    Field(discriminator="type"),
+]
+server_frame = TypeAdapter(ServerFrame)
+
+
+def turn_frame(turn: Any, **flags: bool) -> dict[str, Any]:
+    """A turn's state (a chatui.models.Turn), with flags such as stopping=True."""
+    return TurnFrame(turn=TurnState(**turn.as_frame(), **flags)).data()
+
+
+def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return ErrorFrame(code=code, message=message, **extra).data()  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable
@@ -28,9 +29,18 @@ from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import transaction
-from pydantic import TypeAdapter
 
-from chatui import layers, process
+from chatui import approvals, layers, process
+from chatui.frames import (
+    ApprovalFrame,
+    DeltaFrame,
+    MessageFrame,
+    RetractFrame,
+    SnapshotFrame,
+    TurnState,
+    turn_frame,
+)
+from chatui.letta import servers
 from chatui.letta.assembly import Assembler, Completed, Delta, Failed, Stopped, Usage
 from chatui.letta.client import (
     LettaClient,
@@ -42,13 +52,12 @@ from chatui.letta.client import (
     Thread,
 )
 from chatui.letta.schemas import (
-    ClientTool,
+    REQUEST_ITEM,
     GroupRequest,
-    RequestMessage,
     StreamRequest,
     edits_memory,
-    expected_tool_calls,
 )
+from chatui.letta.servers import failure_of
 from chatui.models import (
     AgentLock,
     ApprovalRequest,
@@ -70,51 +79,6 @@ FAILED_STOP_REASONS = {
     "insufficient_credits",
     "context_window_overflow_in_system_prompt",
 }
-
-REQUEST_ITEM: TypeAdapter[Any] = TypeAdapter(RequestMessage)
-
-# The client-side tool chatui offers every agent: it asks the person a question. Letta
-# pauses the run and chatui shows the question as a form; the answer is the result.
-ASK_USER = ClientTool(
-    name="ask_user",
-    description=(
-        "Ask the person you are talking with a question and wait for their answer. Use it "
-        "when you need information or a choice only they can give."
-    ),
-    parameters={
-        "type": "object",
-        "properties": {"question": {"type": "string", "description": "The question to ask."}},
-        "required": ["question"],
-    },
-)
-
-APPROVALS_GROUP = "approvals"
-APPROVAL_PENDING_TEXT = (
-    "The agent is waiting for a decision on a tool call. Decide it, then send your message again."
-)
-
-# Letta servers (by base URL) that take only the legacy approval form, and those that
-# cannot run background streams (no Redis behind them).
-legacy_approvals: set[str] = set()
-no_background: set[str] = set()
-# Letta servers without the group stream route (everything after 0.11.7).
-no_group_stream: set[str] = set()
-# Letta servers that crash streaming an approval request token by token (0.11.7), and
-# which agents have tools that require approval (sent step by step there).
-no_token_approvals: set[str] = set()
-approval_agents: dict[str, bool] = {}
-
-
-def forget_servers() -> None:
-    """Forget everything learnt about Letta servers (for tests, and a server replaced
-    behind the same address): it is learnt again from the next answers."""
-    from chatui.letta import client
-
-    for learnt in (legacy_approvals, no_background, no_group_stream, no_token_approvals):
-        learnt.clear()
-    approval_agents.clear()
-    client.conversations_support.clear()
-
 
 # Turns running in this process, by conversation id (the registry is chatui.process).
 running: dict[int, TurnRun] = process.running
@@ -165,6 +129,105 @@ class Outbox:
         return deltas
 
 
+@dataclass
+class Outcome:
+    """How a turn ended, as far as it is known: what the run said and what went wrong."""
+
+    stop_reason: str = ""
+    usage: dict[str, Any] = field(default_factory=dict)
+    error: tuple[str, str] | None = None  # (code, readable message)
+    memory_changed: bool = False  # the agent called a tool that edits its memory
+
+
+class Fanout:
+    """A turn's frames, in order, to every socket watching its conversation.
+
+    Each frame is encoded once, handed to this process's sockets directly, and queued
+    for other workers' sockets, which a task of its own reaches through the channel
+    layer so that Redis never holds up this process's sockets. Token deltas wait in
+    an Outbox: the first goes out at once, later ones at most every
+    STREAM_FLUSH_INTERVAL, merged.
+    """
+
+    def __init__(self, turn_id: int, group: str, layer: Any):
+        self.turn_id, self.group, self.layer = turn_id, group, layer
+        self.outbox = Outbox()
+        self.interval = settings.STREAM_FLUSH_INTERVAL
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.elsewhere: asyncio.Queue[str | None] = asyncio.Queue()
+        self.watched_elsewhere = False
+        # Frames of the messages stored so far: a snapshot carries them, for a socket
+        # that joined between its catch-up and this turn learning that it watches.
+        self.stored: list[dict[str, Any]] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self.tasks = [
+            asyncio.create_task(self.send_frames()),
+            asyncio.create_task(self.send_elsewhere()),
+        ]
+
+    async def close(self) -> None:
+        """Send what is queued, then stop."""
+        self.queue.put_nowait(None)
+        await self.tasks[0]
+        self.elsewhere.put_nowait(None)
+        await self.tasks[1]
+
+    def put(self, frame: dict[str, Any]) -> None:
+        self.queue.put_nowait(frame)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether frames wait to leave."""
+        return not self.queue.empty()
+
+    def delta(self, delta: Delta, sender: str) -> None:
+        self.outbox.add(delta, sender)
+        if self.outbox.scheduled is not None:
+            return
+        wait = self.outbox.last_flush + self.interval - time.monotonic()
+        if wait <= 0:
+            self.flush()
+        else:
+            self.outbox.scheduled = asyncio.get_running_loop().call_later(wait, self.flush)
+
+    def flush(self) -> None:
+        """Send the deltas waiting now."""
+        if self.outbox.scheduled is not None:
+            self.outbox.scheduled.cancel()
+            self.outbox.scheduled = None
+        deltas = self.outbox.take()
+        if deltas:
+            self.outbox.last_flush = time.monotonic()
+            self.put(DeltaFrame.fast(self.turn_id, deltas))
+
+    def message(self, frame: dict[str, Any]) -> None:
+        """A message stored (or stored again, when chatui learnt better)."""
+        self.stored = [known for known in self.stored if known["id"] != frame["id"]] + [frame]
+        self.put(MessageFrame(message=frame).data())
+
+    def retract(self, ids: list[int]) -> None:
+        """Messages stored, then taken back."""
+        self.stored = [frame for frame in self.stored if frame["id"] not in ids]
+        self.put(RetractFrame(ids=ids).data())
+
+    async def send_frames(self) -> None:
+        while (frame := await self.queue.get()) is not None:
+            text = json.dumps(frame)
+            await layers.deliver(self.group, text)
+            if self.watched_elsewhere:
+                self.elsewhere.put_nowait(text)
+
+    async def send_elsewhere(self) -> None:
+        while (text := await self.elsewhere.get()) is not None:
+            try:
+                await self.layer.group_send(self.group, layers.elsewhere(text))
+            except Exception:
+                # Those pages see the gap and sync; this turn goes on for everyone else.
+                log.exception("turn %s: a frame did not reach other workers", self.turn_id)
+
+
 class TurnRun:
     """One turn streaming from Letta in this process."""
 
@@ -172,25 +235,14 @@ class TurnRun:
         self.turn = turn
         self.conversation = conversation
         self.taking_over = taking_over
-        self.group = conversation.group_name
         self.layer = get_channel_layer()
         self.assembler = Assembler()
-        self.outbox = Outbox()
-        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        # Frames for sockets of other workers, sent through the channel layer by a task
-        # of their own so that Redis never holds up this process's sockets.
-        self.elsewhere: asyncio.Queue[str | None] = asyncio.Queue()
-        self.watched_elsewhere = False
-        # Frames of the messages stored so far: a snapshot carries them, for a socket
-        # that joined between its catch-up and this turn learning that it watches.
-        self.stored: list[dict[str, Any]] = []
+        self.fanout = Fanout(turn.pk, conversation.group_name, self.layer)
         self.prepared: StreamRequest | None = None  # the request, built with the lock
         self.begun: bool | None = None  # begin()'s answer, when it ran before start()
         self.released = False  # the agent's lock
         self.stop_requested = False
-        self.stop_reason = ""
-        self.usage: dict[str, Any] = {}
-        self.error: tuple[str, str] | None = None  # (code, readable message)
+        self.outcome = Outcome()
         # The stream broke in a way a background run can be re-attached after.
         self.broken = False
         self.sent = False  # the request went upstream
@@ -206,12 +258,10 @@ class TurnRun:
         self.run_id = turn.run_id
         # A chat with a Letta conversation of its own never waits for its agent.
         self.needs_lock = not conversation.letta_conversation_id
-        self.memory_changed = False  # the agent called a tool that edits its memory
         self.agent_free = asyncio.Event()
         self.task: asyncio.Task | None = None
         self.recording: asyncio.Task | None = None  # storing the run id
         self.stream_task: asyncio.Task | None = None
-        self.flush_interval = settings.STREAM_FLUSH_INTERVAL
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -226,17 +276,17 @@ class TurnRun:
 
     async def run(self) -> None:
         """Stream the turn to its end, whatever happens to the sockets watching it."""
-        sender = asyncio.create_task(self.send_frames())
-        relay_elsewhere = asyncio.create_task(self.send_elsewhere())
+        self.fanout.start()
         self.control_channel = await self.layer.new_channel()
         await self.layer.group_add(control_group(self.conversation.pk), self.control_channel)
         control = asyncio.create_task(self.listen(self.control_channel))
         # Sockets of other workers that join later say so when they ask for a snapshot.
         try:
-            self.watched_elsewhere = await layers.watched_elsewhere(self.layer, self.group)
+            watched = await layers.watched_elsewhere(self.layer, self.fanout.group)
         except Exception:
             log.exception("turn %s: cannot tell who watches elsewhere", self.turn.pk)
-            self.watched_elsewhere = True
+            watched = True
+        self.fanout.watched_elsewhere = watched
         try:
             self.stream_task = asyncio.create_task(self.stream())
             try:
@@ -247,16 +297,16 @@ class TurnRun:
             await self.finish()
         except Exception:
             log.exception("turn %s crashed", self.turn.pk)
-            self.error = ("internal", "chatui hit an internal error while relaying this reply.")
+            self.outcome.error = (
+                "internal",
+                "chatui hit an internal error while relaying this reply.",
+            )
             await self.finish()
         finally:
             control.cancel()
             if self.needs_lock and not self.released:
                 await database_sync_to_async(AgentLock.release)(self.turn)
-            self.queue.put_nowait(None)
-            await sender
-            self.elsewhere.put_nowait(None)
-            await relay_elsewhere
+            await self.fanout.close()
             with contextlib.suppress(Exception):  # logged by the layer; the turn is over
                 await self.layer.group_discard(
                     control_group(self.conversation.pk), self.control_channel
@@ -281,20 +331,21 @@ class TurnRun:
         """The body to send: the turn's stored request item (with the images of its
         message), its options, and the client-side tools chatui offers."""
         item = self.turn.request
-        if self.turn.kind == Turn.Kind.APPROVAL and settings.LETTA_BASE_URL in legacy_approvals:
+        server = servers.at(settings.LETTA_BASE_URL)
+        if self.turn.kind == Turn.Kind.APPROVAL and not server.approvals_list:
             item = self.turn.legacy_approval_request() or item
         if self.turn.kind == Turn.Kind.MESSAGE:
             images = [attachment.as_content() for attachment in self.turn.images()]
             if images:
                 text = [{"type": "text", "text": item["content"]}] if item["content"] else []
                 item = {**item, "content": text + images}
-        background = settings.LETTA_BACKGROUND and settings.LETTA_BASE_URL not in no_background
+        background = server.wants_background(settings.LETTA_BACKGROUND)
         return StreamRequest(
             messages=[REQUEST_ITEM.validate_python(item)],
             stream_tokens=True,
             include_pings=True,
             background=background or None,
-            client_tools=[ASK_USER] if settings.OFFER_ASK_USER else None,
+            client_tools=[approvals.ASK_USER] if settings.OFFER_ASK_USER else None,
             **self.turn.options,
         )
 
@@ -309,14 +360,14 @@ class TurnRun:
                     else:
                         await self.send(client)
                 except LettaError as error:
-                    self.error = await self.explain(client, error)
-                if self.error and self.might_wait_for_approval():
+                    self.outcome.error = await self.explain(client, error)
+                if self.outcome.error and self.might_wait_for_approval():
                     try:
                         await self.adopt_pending_approval(client)
                     except LettaError as error:  # the first failure is the one to show
                         log.warning("turn %s: history unreadable: %s", self.turn.pk, error)
         except LettaError as error:
-            self.error = describe(error)
+            self.outcome.error = describe(error)
 
     async def explain(self, client: LettaClient, error: LettaError) -> tuple[str, str]:
         """What a failure means to the person: when Letta no longer knows the agent or
@@ -348,7 +399,7 @@ class TurnRun:
         0.16.4 says so (CONFLICT); 0.11.7 answers a broken 500 or cuts the stream, so
         any failure of a new message is a reason to look.
         """
-        code = self.error[0] if self.error else ""
+        code = self.outcome.error[0] if self.outcome.error else ""
         if code == "approval_pending":
             return True
         return (
@@ -365,7 +416,7 @@ class TurnRun:
             await self.send_to_group(client)
             return
         request = self.prepared or await database_sync_to_async(self.request)()
-        if settings.LETTA_BASE_URL in no_token_approvals and await self.agent_asks_approval(client):
+        if not await self.streams_tokens(client):
             request = request.model_copy(update={"stream_tokens": False})
         while True:  # each refusal that says what the server takes is answered once
             self.sent, self.background = True, bool(request.background)
@@ -373,7 +424,9 @@ class TurnRun:
                 await self.relay(client.stream_message(self.thread, request))
                 break
             except LettaHTTPError as error:
-                retry = await database_sync_to_async(self.fallback)(error, request)
+                retry = await database_sync_to_async(client.server.refused)(
+                    error, request, self.turn.legacy_approval_request
+                )
                 if retry is None:
                     raise
                 request = retry
@@ -397,38 +450,38 @@ class TurnRun:
         log.warning("turn %s: the server dropped %s; sending the rest", self.turn.pk, names)
         for each in dropped:
             frame = await database_sync_to_async(each.as_frame)()
-            self.queue.put_nowait({"type": "approval", "approval": frame})
+            self.fanout.put(ApprovalFrame(approval=frame).data())
         self.assembler = Assembler()
-        self.error, self.stop_reason = None, ""
+        self.outcome.error, self.outcome.stop_reason = None, ""
         request = request.model_copy(
             update={"messages": [REQUEST_ITEM.validate_python(self.turn.request)]}
         )
         await self.relay(client.stream_message(self.thread, request))
         await self.reattach(client)
 
-    async def agent_asks_approval(self, client: LettaClient) -> bool:
-        """Whether the agent has a tool that requires approval (cached per agent)."""
-        if self.agent_id not in approval_agents:
+    async def streams_tokens(self, client: LettaClient) -> bool:
+        """Whether to stream this turn token by token: not where the server crashes
+        streaming approval requests, to an agent with a tool that requires approval."""
+        decided = client.server.streams_tokens_to(self.agent_id)
+        if decided is None:
             agent = await client.get_agent(self.agent_id)
             rules = agent.model_dump().get("tool_rules") or []
-            approval_agents[self.agent_id] = any(
+            client.server.approval_agents[self.agent_id] = any(
                 isinstance(rule, dict) and rule.get("type") == "requires_approval" for rule in rules
             )
-        return approval_agents[self.agent_id]
+            decided = client.server.streams_tokens_to(self.agent_id)
+        return bool(decided)
 
     async def resend_without_tokens(self, client: LettaClient, request: StreamRequest) -> None:
         """Letta 0.11.7 crashes when it streams an approval request token by token; its
         agent never saw the crashed attempt. Forget what that attempt showed, ask again
         in step mode (same otid), and send step mode to such agents from then on."""
-        no_token_approvals.add(settings.LETTA_BASE_URL)
-        approval_agents[self.agent_id] = True
-        log.info("%s cannot stream approvals token by token; asking again", settings.LETTA_BASE_URL)
+        client.server.approval_stream_crashed(self.agent_id)
         retracted = await database_sync_to_async(self.turn.retract_streamed)()
         if retracted:
-            self.stored = [frame for frame in self.stored if frame["id"] not in retracted]
-            self.queue.put_nowait({"type": "retract", "ids": retracted})
+            self.fanout.retract(retracted)
         self.assembler = Assembler()
-        self.error, self.stop_reason, self.token_approval_crashed = None, "", False
+        self.outcome.error, self.outcome.stop_reason, self.token_approval_crashed = None, "", False
         request = request.model_copy(update={"stream_tokens": False})
         await self.relay(client.stream_message(self.thread, request))
 
@@ -439,26 +492,22 @@ class TurnRun:
         request = self.prepared or await database_sync_to_async(self.request)()
         request = request.model_copy(update={"background": None})
         self.sent = True
-        if settings.LETTA_BASE_URL not in no_group_stream:
+        if client.server.group_stream:
             try:
                 await self.relay(client.stream_group_message(self.agent_id, request))
                 return
             except LettaHTTPError as error:
-                if error.status not in (404, 405):
+                if not client.server.lacks_group_stream(error):
                     raise
-                no_group_stream.add(settings.LETTA_BASE_URL)
-                log.info(
-                    "%s has no group stream; waiting for whole answers", settings.LETTA_BASE_URL
-                )
-        self.queue.put_nowait({"type": "turn", "turn": {**self.turn.as_frame(), "waiting": True}})
+        self.fanout.put(turn_frame(self.turn, waiting=True))
         body = GroupRequest(**request.model_dump(include=set(GroupRequest.model_fields)))
         response = await client.send_group_message(self.agent_id, body)
         for message in response.messages:
             await self.store(message)
         if response.stop_reason is not None:
-            self.stop_reason = response.stop_reason.stop_reason
+            self.outcome.stop_reason = response.stop_reason.stop_reason
         if response.usage is not None:
-            self.usage = response.usage.model_dump(mode="json", exclude_none=True)
+            self.outcome.usage = response.usage.model_dump(mode="json", exclude_none=True)
 
     async def relay(self, stream: LettaStream) -> None:
         """Feed one upstream stream through the assembler to the browsers."""
@@ -476,12 +525,12 @@ class TurnRun:
                     # Reading a burst does not wait for the network: let a frame just
                     # made leave now, and flush timers and other turns run meanwhile.
                     now = time.monotonic()
-                    if not self.queue.empty() or now - stepped_aside >= YIELD_INTERVAL:
+                    if self.fanout.waiting or now - stepped_aside >= YIELD_INTERVAL:
                         await asyncio.sleep(0)
                         stepped_aside = time.monotonic()
-                if not stream.done and not self.stop_reason and not self.error:
+                if not stream.done and not self.outcome.stop_reason and not self.outcome.error:
                     self.broken = True
-                    self.error = (
+                    self.outcome.error = (
                         "stream_ended",
                         "The connection to the agent ended before the reply was complete.",
                     )
@@ -489,7 +538,7 @@ class TurnRun:
             if not self.resumable:
                 raise
             self.broken = True
-            self.error = describe(error)
+            self.outcome.error = describe(error)
 
     def remember_run(self, run_id: str) -> None:
         """Keep the run id at once (Stop and resume need it) and store it without
@@ -523,20 +572,20 @@ class TurnRun:
                 self.run_id,
                 self.assembler.last_seq_id,
             )
-            self.broken, self.error = False, None
+            self.broken, self.outcome.error = False, None
             await self.relay(client.resume(self.thread, self.run_id, self.assembler.last_seq_id))
 
     async def take_over(self, client: LettaClient) -> None:
         """Finish a turn a dead worker was streaming: re-attach to a background run
         after the last message stored, or read what the run produced from history."""
         if not self.run_id:
-            self.error = (
+            self.outcome.error = (
                 "interrupted",
                 "chatui restarted before the agent answered. Retry to send the message again.",
             )
             return
         if self.conversation.target_kind == TargetKind.GROUP:
-            self.error = (
+            self.outcome.error = (
                 "interrupted",
                 "chatui restarted while the group was answering. Retry to ask again.",
             )
@@ -560,40 +609,20 @@ class TurnRun:
         async for message in client.iter_messages(self.thread):
             if message.run_id == self.run_id and message.message_type != "user_message":
                 await self.store(message)
-        self.stop_reason = run.stop_reason or ""
+        self.outcome.stop_reason = run.stop_reason or ""
         if run.status in ("cancelled",):
-            self.stop_reason = self.stop_reason or "cancelled"
-        elif run.status == "failed" and not self.stop_reason:
-            self.error = ("upstream", "The agent's run failed.")
-        elif not self.stop_reason:
-            self.stop_reason = "end_turn"
-
-    def fallback(self, error: LettaHTTPError, request: StreamRequest) -> StreamRequest | None:
-        """A second try at a refused send, where the refusal says what the server takes.
-
-        Without Redis, Letta answers a background request with 503: send in the
-        foreground. Letta 0.11.7 refuses the `approvals` list with 422 and takes only
-        the legacy approve/approval_request_id/reason form. Both are remembered for
-        the server, so later sends go the right way at once.
-        """
-        if request.background and (error.status == 503 or "ackground" in error.detail):
-            no_background.add(settings.LETTA_BASE_URL)
-            log.info("%s cannot run in the background; streaming directly", settings.LETTA_BASE_URL)
-            return request.model_copy(update={"background": None})
-        sent = request.messages[0]
-        if error.status != 422 or not getattr(sent, "approvals", None):
-            return None
-        legacy = self.turn.legacy_approval_request()
-        if legacy is None:
-            return None
-        legacy_approvals.add(settings.LETTA_BASE_URL)
-        log.info("%s takes only legacy approvals; using that form", settings.LETTA_BASE_URL)
-        return request.model_copy(update={"messages": [REQUEST_ITEM.validate_python(legacy)]})
+            self.outcome.stop_reason = self.outcome.stop_reason or "cancelled"
+        elif run.status == "failed" and not self.outcome.stop_reason:
+            self.outcome.error = ("upstream", "The agent's run failed.")
+        elif not self.outcome.stop_reason:
+            self.outcome.stop_reason = "end_turn"
 
     async def adopt_pending_approval(self, client: LettaClient) -> None:
         """Letta says (or seems to say) the agent waits for an approval chatui never saw,
         asked elsewhere: find it in the newest history and show it here as a form."""
-        waiting = waiting_approval(await client.list_messages(self.thread, limit=100, order="desc"))
+        waiting = approvals.waiting_in(
+            await client.list_messages(self.thread, limit=100, order="desc")
+        )
         if waiting is None:
             return
         call_ids = [call.tool_call_id for call in waiting.tool_calls or [waiting.tool_call] if call]
@@ -603,12 +632,12 @@ class TurnRun:
             .exists
         )()
         if elsewhere:
-            self.error = (
+            self.outcome.error = (
                 "approval_pending",
                 "The agent is waiting for a decision on a tool call in another conversation.",
             )
         else:
-            self.error = ("approval_pending", APPROVAL_PENDING_TEXT)
+            self.outcome.error = ("approval_pending", approvals.APPROVAL_PENDING_TEXT)
             await self.store(waiting)
 
     def begin(self) -> bool:
@@ -654,7 +683,7 @@ class TurnRun:
                 if not queued:
                     queued = True
                     await database_sync_to_async(self.turn.set_status)(Turn.Status.QUEUED)
-                    self.queue.put_nowait({"type": "turn", "turn": self.turn.as_frame()})
+                    self.fanout.put(turn_frame(self.turn))
                 self.agent_free.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.agent_free.wait(), settings.AGENT_LOCK_POLL)
@@ -662,34 +691,37 @@ class TurnRun:
             await self.layer.group_discard(agent_group(self.agent_id), self.control_channel)
         if queued:
             await database_sync_to_async(self.turn.set_status)(Turn.Status.RUNNING)
-            self.queue.put_nowait({"type": "turn", "turn": self.turn.as_frame()})
+            self.fanout.put(turn_frame(self.turn))
 
     async def finish(self) -> None:
         """Persist whatever is still open (partial text is kept) and record the outcome."""
         await self.handle(self.assembler.finish())
-        self.flush()
+        self.fanout.flush()
         await self.reconcile()
-        if self.stop_requested or self.stop_reason == "cancelled":
+        if self.stop_requested or self.outcome.stop_reason == "cancelled":
             status = Turn.Status.CANCELLED
-        elif self.error or self.stop_reason in FAILED_STOP_REASONS:
+        elif self.outcome.error or self.outcome.stop_reason in FAILED_STOP_REASONS:
             status = Turn.Status.FAILED
-            if not self.error:
-                self.error = (
+            if not self.outcome.error:
+                self.outcome.error = (
                     "stop_reason",
-                    f"The agent stopped with an error ({self.stop_reason}).",
+                    f"The agent stopped with an error ({self.outcome.stop_reason}).",
                 )
         else:
             status = Turn.Status.COMPLETED
-        code, text = self.error or ("", "")
+        code, text = self.outcome.error or ("", "")
         if self.recording is not None:
             await self.recording
         await database_sync_to_async(self.conclude)(
-            status, stop_reason=self.stop_reason, usage=self.usage, error=text, error_code=code
+            status,
+            stop_reason=self.outcome.stop_reason,
+            usage=self.outcome.usage,
+            error=text,
+            error_code=code,
         )
-        frame = self.turn.as_frame()
-        if self.memory_changed:
-            frame["memory_changed"] = True  # a page showing the memory panel refreshes it
-        self.queue.put_nowait({"type": "turn", "turn": frame})
+        # A page showing the memory panel refreshes it when the agent edited its memory.
+        changed = {"memory_changed": True} if self.outcome.memory_changed else {}
+        self.fanout.put(turn_frame(self.turn, **changed))
 
     def conclude(self, status: str, **outcome: Any) -> None:
         """Record the outcome and free the agent, in one trip to the database thread."""
@@ -705,31 +737,28 @@ class TurnRun:
             if isinstance(update, Delta):
                 self.take_delta(update)
             elif isinstance(update, Completed):
-                self.flush()
+                self.fanout.flush()
                 if self.awaits_decided_results(update.message):
                     await self.store_unstreamed_results()
                 await self.store(update.message)
             elif isinstance(update, Stopped):
-                self.stop_reason = update.reason
+                self.outcome.stop_reason = update.reason
             elif isinstance(update, Usage):
-                self.usage = update.usage.model_dump(mode="json", exclude_none=True)
+                self.outcome.usage = update.usage.model_dump(mode="json", exclude_none=True)
             elif isinstance(update, Failed):
                 detail = update.error.detail or update.error.message or "The agent failed."
-                if "CONFLICT" in detail and "approv" in detail:
-                    self.error = ("approval_pending", APPROVAL_PENDING_TEXT)
-                elif "requires_approval" in detail:
-                    # Letta 0.11.7 streaming an approval request token by token.
-                    self.token_approval_crashed = True
-                    self.error = ("upstream", detail)
-                elif (expected := expected_tool_calls(detail)) is not None:
-                    self.expected_calls = expected
-                    self.error = ("upstream", detail)
+                failure = failure_of(detail)
+                if failure.kind == "approval_pending":
+                    self.outcome.error = ("approval_pending", approvals.APPROVAL_PENDING_TEXT)
                 else:
-                    self.error = ("upstream", detail)
+                    self.outcome.error = ("upstream", detail)
+                if failure.kind == "approval_stream_crashed":
+                    self.token_approval_crashed = True  # asked again step by step
+                elif failure.kind == "expected_calls":
+                    self.expected_calls = failure.expected_calls  # sent again, fewer
 
     def take_delta(self, delta: Delta) -> None:
-        self.outbox.add(delta, self.sender_of(delta))
-        self.schedule_flush()
+        self.fanout.delta(delta, self.sender_of(delta))
 
     def sender_of(self, delta: Delta) -> str:
         """The speaker's name for a message's first text piece (only groups name it)."""
@@ -773,16 +802,15 @@ class TurnRun:
     async def store(self, letta_message: Any) -> None:
         """Persist a complete message; an approval request also becomes decidable."""
         if letta_message.message_type == "tool_return_message":
-            self.returned_calls.update(returned_call_ids(letta_message))
+            self.returned_calls.update(approvals.returned_call_ids(letta_message))
         if edits_memory(letta_message):
-            self.memory_changed = True
+            self.outcome.memory_changed = True
         if letta_message.message_type == "assistant_message" and "\\" in letta_message.text:
             self.escaped[letta_message.id or ""] = letta_message.name or ""
-        frame, approvals = await database_sync_to_async(store_message)(self.turn, letta_message)
-        self.stored = [known for known in self.stored if known["id"] != frame["id"]] + [frame]
-        self.queue.put_nowait({"type": "message", "message": frame})
-        if approvals:
-            await announce_approvals(approvals)
+        frame, created = await database_sync_to_async(store_message)(self.turn, letta_message)
+        self.fanout.message(frame)
+        if created:
+            await approvals.announce(created)
 
     async def reconcile(self) -> None:
         """Keep Letta's own text where the stream said something else. Letta 0.11.7
@@ -809,42 +837,6 @@ class TurnRun:
                     await self.store(message)  # the row brought up to Letta's text
         self.escaped = {}
 
-    def schedule_flush(self) -> None:
-        if self.outbox.scheduled is not None:
-            return
-        wait = self.outbox.last_flush + self.flush_interval - time.monotonic()
-        if wait <= 0:
-            self.flush()
-        else:
-            self.outbox.scheduled = asyncio.get_running_loop().call_later(wait, self.flush)
-
-    def flush(self) -> None:
-        if self.outbox.scheduled is not None:
-            self.outbox.scheduled.cancel()
-            self.outbox.scheduled = None
-        deltas = self.outbox.take()
-        if deltas:
-            self.outbox.last_flush = time.monotonic()
-            self.queue.put_nowait({"type": "delta", "turn": self.turn.pk, "deltas": deltas})
-
-    async def send_frames(self) -> None:
-        """Send queued frames, in order, to every socket watching: encoded once, handed
-        to this process's sockets directly, and queued for other workers'."""
-        while (frame := await self.queue.get()) is not None:
-            text = json.dumps(frame)
-            await layers.deliver(self.group, text)
-            if self.watched_elsewhere:
-                self.elsewhere.put_nowait(text)
-
-    async def send_elsewhere(self) -> None:
-        """Send frames, in order, to sockets of other workers through the channel layer."""
-        while (text := await self.elsewhere.get()) is not None:
-            try:
-                await self.layer.group_send(self.group, layers.elsewhere(text))
-            except Exception:
-                # Those pages see the gap and sync; this turn goes on for everyone else.
-                log.exception("turn %s: a frame did not reach other workers", self.turn.pk)
-
     # -- control from sockets on any worker ------------------------------------------
 
     async def listen(self, channel: str) -> None:
@@ -862,7 +854,7 @@ class TurnRun:
             elif event.get("type") == "turn.snapshot":
                 if not layers.is_local(self.layer, event["reply_to"]):
                     # Set before the snapshot is taken: nothing after it is missed there.
-                    self.watched_elsewhere = True
+                    self.fanout.watched_elsewhere = True
                 await self.layer.send(event["reply_to"], self.snapshot())
             elif event.get("type") == "agent.released":
                 self.agent_free.set()
@@ -871,12 +863,11 @@ class TurnRun:
         """Everything streamed so far that is not yet a stored message."""
         return {
             "type": "conversation.snapshot",
-            "messages": self.stored,
-            "frame": {
-                "type": "snapshot",
-                "turn": self.turn.as_frame(),
-                "open": [Message.open_frame(m) for m in self.assembler.open_messages()],
-            },
+            "messages": self.fanout.stored,
+            "frame": SnapshotFrame(
+                turn=TurnState(**self.turn.as_frame()),
+                open=[Message.open_frame(m) for m in self.assembler.open_messages()],
+            ).data(),
         }
 
     async def stop(self) -> None:
@@ -884,7 +875,7 @@ class TurnRun:
         if self.stop_requested:
             return
         self.stop_requested = True
-        self.queue.put_nowait({"type": "turn", "turn": {**self.turn.as_frame(), "stopping": True}})
+        self.fanout.put(turn_frame(self.turn, stopping=True))
         if not self.sent:
             if self.stream_task is not None:
                 self.stream_task.cancel()
@@ -905,36 +896,6 @@ class TurnRun:
             loop.call_later(settings.STOP_GRACE_SECONDS, self.stream_task.cancel)
 
 
-def returned_call_ids(letta_message: Any) -> set[str]:
-    returns = getattr(letta_message, "tool_returns", None) or []
-    ids = {item.tool_call_id for item in returns if getattr(item, "tool_call_id", None)}
-    if getattr(letta_message, "tool_call_id", None):
-        ids.add(letta_message.tool_call_id)
-    return ids
-
-
-def waiting_approval(messages: list[Any]) -> Any | None:
-    """The newest approval request in a page of history that nothing answered yet (no
-    approval response naming it, no tool result for it), whatever the page's order."""
-    answered: set[str] = set()
-    for message in messages:
-        if message.message_type == "approval_response_message":
-            data = message.model_dump()
-            answered.update(item.get("tool_call_id") for item in data.get("approvals") or [])
-            answered.add(data.get("approval_request_id"))
-        elif message.message_type == "tool_return_message":
-            answered.update(returned_call_ids(message))
-    waiting = [
-        message
-        for message in messages
-        if message.message_type == "approval_request_message"
-        and message.id not in answered
-        and not {call.tool_call_id for call in message.tool_calls or [message.tool_call] if call}
-        & answered
-    ]
-    return max(waiting, key=lambda m: (m.date is not None, m.date, m.id or ""), default=None)
-
-
 def store_message(turn: Turn, letta_message: Any) -> tuple[dict[str, Any], list[int]]:
     """Persist a complete message and render its frame, both off the event loop.
 
@@ -943,31 +904,9 @@ def store_message(turn: Turn, letta_message: Any) -> tuple[dict[str, Any], list[
     message = Message.store(turn, letta_message)
     created = []
     if message.kind == Message.Kind.APPROVAL_REQUEST:
-        questions = frozenset({ASK_USER.name}) if settings.OFFER_ASK_USER else frozenset()
+        questions = frozenset({approvals.ASK_USER.name}) if settings.OFFER_ASK_USER else frozenset()
         created = [r.pk for r in ApprovalRequest.record(message, questions=questions)]
     return message.as_frame(), created
-
-
-async def publish_decision(request: ApprovalRequest, turn: Turn | None) -> None:
-    """Show a decision to everyone watching, and when it completes its set, send the set
-    upstream in a new turn that streams like any other."""
-    layer = get_channel_layer()
-    conversation = await database_sync_to_async(lambda: request.conversation)()
-    frame = await database_sync_to_async(request.as_frame)()
-    await layers.broadcast(layer, conversation.group_name, {"type": "approval", "approval": frame})
-    await announce_approvals([request.pk], "decided")
-    if turn is not None:
-        await layers.broadcast(
-            layer, conversation.group_name, {"type": "turn", "turn": turn.as_frame()}
-        )
-        await start_turn(turn, conversation)
-
-
-async def announce_approvals(request_ids: list[int], action: str = "added") -> None:
-    """Tell every approval console that requests arrived or were decided."""
-    await get_channel_layer().group_send(
-        APPROVALS_GROUP, {"type": "approvals.changed", "ids": request_ids, "action": action}
-    )
 
 
 def describe(error: LettaError) -> tuple[str, str]:
@@ -984,7 +923,10 @@ def describe(error: LettaError) -> tuple[str, str]:
         if error.status == 404:
             return "not_found", f"The agent was not found upstream: {error.detail}"
         if error.status == 429:
-            return "rate_limited", f"The agent server is busy (429): {error.detail}"
+            wait = ""
+            if error.retry_after is not None:  # what its Retry-After header asked
+                wait = f"; try again in {math.ceil(error.retry_after)} s"
+            return "rate_limited", f"The agent server is busy (429{wait}): {error.detail}"
         return f"http_{error.status}", f"The agent server answered {error.status}: {error.detail}"
     code = type(error).__name__.removeprefix("Letta").lower()
     return code or "upstream", error.detail or str(error)
@@ -1118,6 +1060,13 @@ async def start_turn(turn: Turn, conversation: Conversation, run: TurnRun | None
     run = run or TurnRun(turn, conversation)
     run.start()
     return run
+
+
+async def start_decided(turn: Turn) -> None:
+    """Show and start the turn that carries a completed set of decisions upstream."""
+    conversation = await database_sync_to_async(lambda: turn.conversation)()
+    await layers.broadcast(get_channel_layer(), conversation.group_name, turn_frame(turn))
+    await start_turn(turn, conversation)
 
 
 async def stop_turn(conversation_id: int) -> None:

@@ -19,8 +19,8 @@ from channels.db import database_sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from chatui import process, turns
-from chatui.models import ApprovalRequest, Turn, Worker
+from chatui import approvals, process, turns
+from chatui.models import Turn, Worker
 
 log = logging.getLogger(__name__)
 
@@ -75,11 +75,8 @@ async def upkeep() -> None:
         try:
             await database_sync_to_async(beat)()
             await take_over()
-            for turn in await database_sync_to_async(ApprovalRequest.expire_stale)():
-                decisions = await database_sync_to_async(list)(turn.decisions.order_by("pk"))
-                for request in decisions[:-1]:
-                    await turns.publish_decision(request, None)
-                await turns.publish_decision(decisions[-1], turn)
+            for turn in await approvals.expire():
+                await turns.start_decided(turn)
         except Exception:
             log.exception("worker upkeep failed; trying again")
         await asyncio.sleep(settings.WORKER_HEARTBEAT)

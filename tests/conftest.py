@@ -111,9 +111,8 @@ def demo_upstream():
     import os
     import subprocess
     import sys
-    import time
 
-    import httpx
+    from chatui.waiting import until_answering
 
     command = [sys.executable, "manage.py", "demo_upstream", "--port", "0"]
     command += ["--token-delay", "0.002"]
@@ -129,16 +128,9 @@ def demo_upstream():
         if "http://" not in line:
             raise RuntimeError(f"demo upstream did not start (exit code {process.poll()})")
         upstream = DemoUpstreamProcess(line.split()[-1])
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"{upstream.url}/v1/health/", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or process.poll() is not None:
-                raise RuntimeError(f"demo upstream at {upstream.url} never became healthy")
-            time.sleep(0.05)
+        health = f"{upstream.url}/v1/health/"
+        if until_answering(health, lambda: process.poll() is None, 15) != "answered":
+            raise RuntimeError(f"demo upstream at {upstream.url} never became healthy")
         yield upstream
     finally:
         process.terminate()
@@ -170,9 +162,9 @@ def test_settings(settings):
     # In-process tests drive turns themselves; the live-server processes keep upkeep on.
     settings.WORKER_UPKEEP = False
     # What chatui learnt about upstream servers is per process: forget it between tests.
-    from chatui import turns
+    from chatui.letta import servers
 
-    turns.forget_servers()
+    servers.forget()
 
 
 @pytest.fixture

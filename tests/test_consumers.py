@@ -8,7 +8,7 @@ import pytest
 from channels.db import database_sync_to_async
 from django.test import override_settings
 
-from chatui import turns
+from chatui.letta import servers
 from chatui.models import Conversation, Message, Turn
 from tests.helpers import (
     ECHO_AGENT_ID,
@@ -281,6 +281,11 @@ async def test_sync_replays_stored_messages_after_an_id(chat, user_cookie):
     [
         ({"mode": "http_status", "status": 500, "detail": "boom"}, "http_500", "500"),
         ({"mode": "http_status", "status": 422, "detail": "bad field"}, "http_422", "bad field"),
+        (
+            {"mode": "rate_limit", "retry_after": 7, "path": "/messages/stream"},
+            "rate_limited",
+            "try again in 7 s",
+        ),
         ({"mode": "stream_error", "after": 2}, "upstream", ""),
         ({"mode": "malformed", "after": 2}, "protocolerror", ""),
     ],
@@ -334,7 +339,7 @@ async def test_a_reset_stream_fails_readably_where_background_runs_are_not_offer
     chat, user_cookie, demo
 ):
     demo.config(background=False)
-    turns.no_background.add(demo.url)  # learnt earlier: this server answers 503
+    servers.at(demo.url).background = False  # learnt earlier: this server answers 503
     demo.fault(mode="reset", after=3, count=1)
     communicator, _, _ = await connect(chat, cookie=user_cookie)
     await send(communicator, "/tokens 20", otid="otid-reset-00001")
@@ -390,7 +395,7 @@ async def test_a_refused_connection_fails_the_turn(chat, user_cookie, settings, 
 
 async def test_a_stalled_upstream_times_out(chat, user_cookie, demo, settings):
     settings.LETTA_READ_TIMEOUT = 0.5
-    turns.no_background.add(demo.url)
+    servers.at(demo.url).background = False
     demo.fault(mode="stall", seconds=3, after=1, count=1)
     communicator, _, _ = await connect(chat, cookie=user_cookie)
     await send(communicator, "/tokens 10")
@@ -555,7 +560,7 @@ async def test_a_stream_that_sends_nothing_fails_sooner_than_one_gone_quiet(
 ):
     settings.LETTA_FIRST_EVENT_TIMEOUT = 0.5
     settings.LETTA_READ_TIMEOUT = 5
-    turns.no_background.add(demo.url)
+    servers.at(demo.url).background = False
     demo.fault(mode="stall", seconds=4, path="/messages/stream")  # before any answer
     communicator, _, _ = await connect(chat, cookie=user_cookie)
     started = time.monotonic()
