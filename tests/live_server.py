@@ -12,6 +12,11 @@ Fixtures:
   another upstream); each is killed when the test ends.
 
 Registered as a plugin from tests/conftest.py (`pytest_plugins = ["tests.live_server"]`).
+
+Why not channels.testing.ChannelsLiveServerTestCase: it serves daphne in a process of
+the test run that shares the test database and cannot be killed on its own, so a
+crash, a restart on the same port and data folder, or a second server with other
+settings cannot be tested with it. These tests need a real, separate daphne process.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from chatui.waiting import until_answering
 
 ROOT = Path(__file__).resolve().parent.parent
 LIVE_USERNAME = "ada"
@@ -144,20 +149,14 @@ class ChatuiServer:
         return self
 
     def _wait_until_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"chatui exited with code {self.process.returncode}:\n{self.log_tail()}"
-                )
-            try:
-                if httpx.get(f"{self.url}/login/", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"chatui did not answer at {self.url}:\n{self.log_tail()}")
-            time.sleep(0.05)
+        process = self.process
+        outcome = until_answering(
+            f"{self.url}/login/", lambda: process.poll() is None, START_TIMEOUT
+        )
+        if outcome == "exited":
+            raise RuntimeError(f"chatui exited with code {process.returncode}:\n{self.log_tail()}")
+        if outcome == "timed out":
+            raise RuntimeError(f"chatui did not answer at {self.url}:\n{self.log_tail()}")
 
     def stop(self) -> None:
         """Ask daphne to shut down (SIGTERM), as an operator would."""

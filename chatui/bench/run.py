@@ -31,6 +31,7 @@ from django.db.models import Max
 
 from chatui.bench import clients
 from chatui.bench.clients import Conversation, Relayed
+from chatui.waiting import until_answering
 
 START_TIMEOUT = 60.0
 # What makes a turn's writes: the same whatever the reply's length (the goal).
@@ -109,15 +110,13 @@ def free_port() -> int:
 
 
 def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited:\n{log.read_text()[-3000:]}")
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listened on {port} after {START_TIMEOUT:.0f} s")
+    # Any answer will do: the bare relay has no page, only its websocket.
+    url = f"http://127.0.0.1:{port}/"
+    outcome = until_answering(url, lambda: process.poll() is None, START_TIMEOUT, any_answer=True)
+    if outcome == "exited":
+        raise RuntimeError(f"{process.args} exited:\n{log.read_text()[-3000:]}")
+    if outcome == "timed out":
+        raise RuntimeError(f"nothing listened on {port} after {START_TIMEOUT:.0f} s")
 
 
 class Server:

@@ -39,6 +39,7 @@ import httpx
 from django.conf import settings
 
 from chatui.testbed.llm import MODEL_NAME
+from chatui.waiting import until_answering
 
 HOST = "127.0.0.1"
 POSTGRES_PORT = 55432
@@ -642,17 +643,11 @@ class Testbed:
     def wait_until_answering(
         self, url: str, running: Callable[[], bool], log: Path, seconds: float
     ) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if not running():
-                raise TestbedError(f"the process behind {url} exited\n{log_tail(log)}")
-            try:
-                if httpx.get(url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TestbedError(f"nothing answered at {url} within {seconds:.0f} s\n{log_tail(log)}")
+        outcome = until_answering(url, running, seconds, every=0.25)
+        if outcome == "exited":
+            raise TestbedError(f"the process behind {url} exited\n{log_tail(log)}")
+        if outcome == "timed out":
+            raise TestbedError(f"nothing answered at {url} within {seconds:.0f} s\n{log_tail(log)}")
 
     # -- Letta servers -------------------------------------------------------------
 

@@ -13,11 +13,12 @@ import subprocess
 import sys
 import time
 
-import httpx
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+
+from chatui.waiting import until_answering
 
 DEMO_USERNAME = "demo"
 
@@ -37,17 +38,11 @@ def demo_login() -> tuple[str, str]:
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise CommandError(f"the demo upstream exited with code {process.returncode}")
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise CommandError(f"the demo upstream did not answer at {url}")
+    outcome = until_answering(url, lambda: process.poll() is None, seconds, every=0.1)
+    if outcome == "exited":
+        raise CommandError(f"the demo upstream exited with code {process.returncode}")
+    if outcome == "timed out":
+        raise CommandError(f"the demo upstream did not answer at {url}")
 
 
 class Command(BaseCommand):
