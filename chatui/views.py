@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import filetype
 from asgiref.sync import async_to_sync
 from django import forms
 from django.conf import settings
@@ -365,20 +366,10 @@ def message_feedback(request: HttpRequest, message_id: int) -> HttpResponse:
     return redirect("conversation", message.conversation_id)
 
 
-# Magic numbers of the image types chatui accepts; the browser's claim is not trusted.
-IMAGE_SIGNATURES = {
-    "image/png": (b"\x89PNG\r\n\x1a\n",),
-    "image/jpeg": (b"\xff\xd8\xff",),
-    "image/gif": (b"GIF87a", b"GIF89a"),
-    "image/webp": (b"RIFF",),
-}
-
-
 def sniff_image(head: bytes) -> str | None:
-    for media_type, signatures in IMAGE_SIGNATURES.items():
-        if head.startswith(signatures) and (media_type != "image/webp" or head[8:12] == b"WEBP"):
-            return media_type
-    return None
+    """The image type of a file by its first bytes; the browser's claim is not trusted."""
+    media_type = filetype.guess_mime(head)
+    return media_type if media_type and media_type.startswith("image/") else None
 
 
 @login_required
@@ -395,7 +386,7 @@ def upload_attachment(request: HttpRequest, conversation_id: int) -> HttpRespons
             {"error": f"{upload.name} is larger than {limit // (1024 * 1024)} MB."}, status=400
         )
     data = upload.read()
-    media_type = sniff_image(data[:16])
+    media_type = sniff_image(data[:261])  # as much as filetype ever reads
     if media_type is None or media_type not in settings.IMAGE_TYPES:
         allowed = ", ".join(t.removeprefix("image/").upper() for t in settings.IMAGE_TYPES)
         return JsonResponse(
