@@ -13,7 +13,7 @@ subqueries evaluated for the shown page only, search and filters are EXISTS clau
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import admin
 from django.contrib import messages as flash
@@ -45,6 +45,7 @@ from chatui.models import (
     ApprovalRequest,
     Attachment,
     Conversation,
+    ConversationQuerySet,
     Feedback,
     Message,
     Target,
@@ -136,9 +137,10 @@ class FlagFilter(admin.SimpleListFilter):
         return [(key, label) for key, (label, _) in FLAGS.items()]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        if self.value() not in FLAGS:
+        flag = self.value()
+        if flag is None or flag not in FLAGS:
             return queryset
-        _, condition = FLAGS[self.value()]
+        _, condition = FLAGS[flag]
         return queryset.filter(condition())
 
 
@@ -176,9 +178,10 @@ class FeedbackFilter(admin.SimpleListFilter):
         ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        if self.value() not in Feedback.Rating.values:
+        rating = self.value()
+        if rating is None or rating not in Feedback.Rating.values:
             return queryset
-        return queryset.filter(feedback_rated(self.value()))
+        return queryset.filter(feedback_rated(rating))
 
 
 class ConversationChangeList(ChangeList):
@@ -281,10 +284,9 @@ class ConversationAdmin(RecordAdmin):
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Conversation]:
         # A chat opened and never used holds nothing to review.
+        queryset = cast(ConversationQuerySet, super().get_queryset(request))
         return (
-            super()
-            .get_queryset(request)
-            .said_something()
+            queryset.said_something()
             .select_related("owner")
             .annotate(
                 message_total=message_count(),
@@ -325,11 +327,11 @@ class ConversationAdmin(RecordAdmin):
         return conversation.target_name
 
     @admin.display(description="Messages")
-    def messages(self, conversation: Conversation) -> int:
-        return conversation.message_total
+    def messages(self, conversation: Any) -> int:  # counted by get_queryset
+        return int(conversation.message_total)
 
     @admin.display(description="Tokens")
-    def tokens(self, conversation: Conversation) -> str:
+    def tokens(self, conversation: Any) -> str:  # counted by get_queryset
         return f"{conversation.token_total:,}"
 
     @admin.display(description="Flags")
@@ -374,8 +376,9 @@ class ConversationAdmin(RecordAdmin):
             context.update(self.transcript(request, obj))
         return super().render_change_form(request, context, add, change, form_url, obj)
 
-    def transcript(self, request: HttpRequest, conversation: Conversation) -> dict[str, Any]:
-        """One page of the transcript, in the same few queries whatever its length."""
+    def transcript(self, request: HttpRequest, conversation: Any) -> dict[str, Any]:
+        """One page of the transcript, in the same few queries whatever its length (the
+        conversation comes from get_queryset, with its messages counted)."""
         messages = (
             conversation.messages.select_related("turn")
             .prefetch_related(
@@ -402,7 +405,7 @@ class ConversationAdmin(RecordAdmin):
                 if number == paginator.ELLIPSIS:
                     links.append((number, ""))
                     continue
-                query["page"] = number
+                query["page"] = str(number)
                 links.append((number, query.urlencode()))
         return {"transcript_page": page, "transcript_links": links}
 
@@ -481,7 +484,7 @@ class TurnAdmin(ConversationPartAdmin):
         "created_at",
         "finished_at",
     ]
-    fields = readonly_fields
+    fields = tuple(readonly_fields)
 
     @admin.display(description="Tokens")
     def tokens(self, turn: Turn) -> str:
@@ -512,7 +515,7 @@ class MessageAdmin(ConversationPartAdmin):
         "payload",
         "created_at",
     ]
-    fields = readonly_fields
+    fields = tuple(readonly_fields)
 
     @admin.display(description="As the chat shows it")
     def rendered(self, message: Message) -> str:
@@ -552,7 +555,7 @@ class ApprovalRequestAdmin(ConversationPartAdmin):
         "answer",
         "decision_turn",
     ]
-    fields = readonly_fields
+    fields = tuple(readonly_fields)
 
     @admin.display(description="Reason or answer")
     def reason_excerpt(self, request: ApprovalRequest) -> str:
@@ -582,7 +585,7 @@ class FeedbackAdmin(RecordAdmin):
         "message_excerpt",
         "created_at",
     ]
-    fields = readonly_fields
+    fields = tuple(readonly_fields)
 
     @admin.display(description="Message")
     def message_excerpt(self, feedback: Feedback) -> str:

@@ -69,7 +69,7 @@ async def decide(request: HttpRequest, approval_id: int) -> HttpResponse:
     as_json = wants_json(request)
     form = DecisionForm(request.POST)
     if not await sync_to_async(form.is_valid)():
-        problems = [error for errors in form.errors.values() for error in errors]
+        problems = [str(error) for errors in form.errors.values() for error in errors]
         if as_json:
             return JsonResponse({"error": " ".join(problems)}, status=400)
         for problem in problems:
@@ -108,15 +108,16 @@ async def decide_all(request: HttpRequest, message_id: int) -> HttpResponse:
     user = await request.auser()
     if not user.is_authenticated:
         return HttpResponseRedirect(f"{reverse('login')}?next={request.path}")
-    waiting = await sync_to_async(list)(
-        ApprovalRequest.objects.select_related("conversation", "decided_by")
+    waiting = [
+        approval
+        async for approval in ApprovalRequest.objects.select_related("conversation", "decided_by")
         .filter(
             message_id=message_id,
             state=ApprovalRequest.State.PENDING,
             kind=ApprovalRequest.Kind.APPROVAL,
         )
         .order_by("pk")
-    )
+    ]
     for approval in waiting:
         if not await sync_to_async(approval.may_be_decided_by)(user):
             raise PermissionDenied("You may not decide these requests.")

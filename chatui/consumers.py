@@ -24,13 +24,13 @@ from chatui import approvals, layers, turns, workers
 from chatui.frames import (
     ApprovalFrame,
     DecideFrame,
-    MessageFrame,
     RetryFrame,
     SendFrame,
     StopFrame,
     SyncedFrame,
     SyncFrame,
     error_frame,
+    message_frame,
     parse_frame,
     turn_frame,
 )
@@ -164,7 +164,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
         if not stored.created:
             await self.send_json(turn_frame(stored.turn))
             return
-        await self.broadcast(MessageFrame(message=stored.message_frame).data())
+        assert stored.message_frame is not None  # a new turn comes with its message
+        await self.broadcast(message_frame(stored.message_frame))
         await self.broadcast(turn_frame(stored.turn))
         await turns.start_turn(stored.turn, self.conversation, stored.run)
 
@@ -241,7 +242,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             frames, active, latest = await database_sync_to_async(self.catch_up)(frame.after)
             self.synced_after = max([frame.after, *(message["id"] for message in frames)])
             for message in frames:
-                await self.send_json(MessageFrame(message=message).data())
+                await self.send_json(message_frame(message))
             if active is None:
                 if latest is not None:
                     await self.send_json(turn_frame(latest))
@@ -270,7 +271,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             self.snapshot_timeout = None
         for message in event.get("messages", ()):
             if message["id"] > self.synced_after:
-                await self.send_json(MessageFrame(message=message).data())
+                await self.send_json(message_frame(message))
         await self.send_json(event["frame"])
         await self.send_json(SyncedFrame().data())
 

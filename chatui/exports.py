@@ -203,7 +203,7 @@ def conversation_markdown(conversation: Conversation) -> str:
         f"- Last activity: {when(conversation.updated_at)}",
         f"- Exported: {when(timezone.now())}",
     ]
-    approvals: dict[int, list[ApprovalRequest]] = {}
+    approvals: dict[int | None, list[ApprovalRequest]] = {}
     for request in conversation.approval_requests.all():
         approvals.setdefault(request.message_id, []).append(request)
     turns = {turn.pk: turn for turn in conversation.turns.all()}
@@ -329,7 +329,7 @@ def turn_markdown(turn: Turn) -> str:
 
 def download(content: str, filename: str, content_type: str) -> HttpResponse:
     response = HttpResponse(content, content_type=f"{content_type}; charset=utf-8")
-    response["Content-Disposition"] = content_disposition_header(True, filename)
+    response["Content-Disposition"] = content_disposition_header(True, filename) or ""
     return response
 
 
@@ -341,7 +341,7 @@ def filename(conversation: Conversation, extension: str) -> str:
 def export_json(request: HttpRequest, conversation_id: int) -> HttpResponse:
     """The owner's conversation as JSON (anyone else's answers 404)."""
     conversation = get_object_or_404(
-        for_export(Conversation.objects), pk=conversation_id, owner=request.user
+        for_export(Conversation.objects.all()), pk=conversation_id, owner=request.user
     )
     return download(
         as_json(conversation_data(conversation)),
@@ -354,7 +354,7 @@ def export_json(request: HttpRequest, conversation_id: int) -> HttpResponse:
 def export_markdown(request: HttpRequest, conversation_id: int) -> HttpResponse:
     """The owner's conversation as a Markdown transcript (anyone else's answers 404)."""
     conversation = get_object_or_404(
-        for_export(Conversation.objects), pk=conversation_id, owner=request.user
+        for_export(Conversation.objects.all()), pk=conversation_id, owner=request.user
     )
     return download(
         conversation_markdown(conversation), filename(conversation, "md"), "text/markdown"

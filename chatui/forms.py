@@ -105,7 +105,7 @@ class NewConversationForm(forms.Form):
             ) from None
 
     def clean(self) -> dict:
-        cleaned = super().clean()
+        cleaned = super().clean() or self.cleaned_data
         cleaned["target_kind"] = self.kind
         target_id = cleaned.get("target_id")
         if target_id is None or self.errors:
@@ -132,7 +132,7 @@ class NewConversationForm(forms.Form):
                 and self.unused.letta_conversation_id
                 and not async_to_sync(conversation_exists)(self.unused.letta_conversation_id)
             )
-            if lost:
+            if lost and self.unused is not None:
                 self.unused.delete()
                 self.unused = None
             if self.unused is not None:
@@ -234,7 +234,7 @@ class DecisionForm(forms.Form):
     answer = forms.CharField(required=False, strip=True)
 
     def clean(self) -> dict:
-        cleaned = super().clean()
+        cleaned = super().clean() or self.cleaned_data
         if cleaned.get("decision") == "answer" and not cleaned.get("answer"):
             raise ValidationError(
                 "Type the answer the agent should get instead of the tool's result.",
@@ -424,7 +424,7 @@ class TargetForm(forms.ModelForm):
             ) from None
 
     def clean(self) -> dict:
-        cleaned = super().clean()
+        cleaned = super().clean() or self.cleaned_data
         letta_id = cleaned.get("letta_id")
         if not letta_id or self.errors:
             return cleaned

@@ -305,7 +305,12 @@ server_frame = TypeAdapter(ServerFrame)
 
 def turn_frame(turn: Any, **flags: bool) -> dict[str, Any]:
     """A turn's state (a chatui.models.Turn), with flags such as stopping=True."""
-    return TurnFrame(turn=TurnState(**turn.as_frame(), **flags)).data()
+    return TurnFrame(turn=TurnState.model_validate({**turn.as_frame(), **flags})).data()
+
+
+def message_frame(message: dict[str, Any]) -> dict[str, Any]:
+    """A stored message (a chatui.models.Message's as_frame())."""
+    return MessageFrame.model_validate({"message": message}).data()
 
 
 def error_frame(code: str, message: str, **extra: Any) -> dict[str, Any]:

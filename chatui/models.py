@@ -12,6 +12,7 @@ import base64
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -33,7 +34,7 @@ class TargetKind(models.TextChoices):
     GROUP = "group", "Group"
 
 
-class ConversationQuerySet(models.QuerySet):
+class ConversationQuerySet(models.QuerySet["Conversation"]):
     def said_something(self) -> ConversationQuerySet:
         """Conversations with at least one turn: a chat opened and never used is not
         listed (nor reviewed)."""
@@ -201,7 +202,7 @@ class Conversation(models.Model):
                 if untitled:
                     Conversation.objects.bulk_update(untitled, ["title"])
         for turn, message in zip(turns, messages, strict=True):
-            message.image_list = []
+            message.image_list = []  # type: ignore[attr-defined]  # as Prefetch(to_attr) sets
             turn.user_message = message
         return turns
 
@@ -258,7 +259,7 @@ class Conversation(models.Model):
                 self.title = title_for(text)
             self.save(update_fields=["updated_at", "title"])
         # What the first frames need, without asking the database again.
-        message.image_list = images
+        message.image_list = images  # type: ignore[attr-defined]  # as Prefetch(to_attr) sets
         turn.user_message = message
         return turn
 
@@ -367,6 +368,8 @@ class ApprovalPending(Exception):
 
 
 class Turn(models.Model):
+    taken_from: str  # the worker a turn taken over was running on (not a column)
+
     class Kind(models.TextChoices):
         MESSAGE = "message", "Message"
         APPROVAL = "approval", "Approval decision"
@@ -802,7 +805,7 @@ class Message(models.Model):
         return asked.values_list("tool_name", flat=True).first() or ""
 
     @staticmethod
-    def name_tool_results(messages: list[Message]) -> None:
+    def name_tool_results(messages: Sequence[Message]) -> None:
         """Look up, in one query, the tools of every result among `messages` whose name
         Letta left out (see tool_name)."""
         unnamed = [
@@ -902,6 +905,10 @@ class ApprovalRequest(models.Model):
     """One tool call that waits for a person: an approval, or a question the agent asked
     the user through a client-side tool."""
 
+    # Set for the console (chatui.approvals.with_context), not columns.
+    sibling: bool
+    context_messages: list[Message]
+
     class Kind(models.TextChoices):
         APPROVAL = "approval", "Approval"
         QUESTION = "question", "Question for the user"
@@ -974,7 +981,7 @@ class ApprovalRequest(models.Model):
         `questions` names the client-side tools chatui offered: a call to one of them is
         a question for the user rather than an approval.
         """
-        created = []
+        created: list[ApprovalRequest] = []
         for call in message.tool_calls:
             request, new = cls.objects.get_or_create(
                 conversation_id=message.conversation_id,
@@ -1092,7 +1099,7 @@ class ApprovalRequest(models.Model):
         """This decision as one item of Letta's `approvals` list."""
         if self.state == self.State.ANSWERED:
             return self.tool_return_item()
-        item = {"type": "approval", "tool_call_id": self.tool_call_id}
+        item: dict[str, Any] = {"type": "approval", "tool_call_id": self.tool_call_id}
         item["approve"] = self.state == self.State.APPROVED
         if self.reason:
             item["reason"] = self.reason
@@ -1104,7 +1111,7 @@ class ApprovalRequest(models.Model):
         seconds = settings.APPROVAL_EXPIRE_AFTER
         if not seconds:
             return []
-        cutoff = (now or timezone.now()) - timezone.timedelta(seconds=seconds)
+        cutoff = (now or timezone.now()) - timedelta(seconds=seconds)
         turns = []
         for request in cls.objects.filter(state=cls.State.PENDING, created_at__lt=cutoff):
             try:
@@ -1414,9 +1421,13 @@ class AgentLock(models.Model):
         if free:
             try:
                 with transaction.atomic():
-                    cls.objects.bulk_create(
-                        cls(agent_id=turn.conversation.target_id, turn=turn, worker=process.NAME)
-                        for turn in free
+                    AgentLock.objects.bulk_create(
+                        [
+                            AgentLock(
+                                agent_id=turn.conversation.target_id, turn=turn, worker=process.NAME
+                            )
+                            for turn in free
+                        ]
                     )
                 taken = {turn.pk: True for turn in free}
             except IntegrityError:

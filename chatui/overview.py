@@ -13,7 +13,7 @@ import csv
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from django.contrib import admin
@@ -223,7 +223,7 @@ def charts(today: date | None = None) -> list[Chart]:
     """Every chart of the overview, over the DAYS days up to `today`."""
     today = today or timezone.localdate()
     days = [today - timedelta(days=n) for n in range(DAYS - 1, -1, -1)]
-    since = timezone.make_aware(timezone.datetime.combine(days[0], timezone.datetime.min.time()))
+    since = timezone.make_aware(datetime.combine(days[0], datetime.min.time()))
     started = (
         Conversation.objects.filter(created_at__gte=since)
         .annotate(day=TruncDate("created_at"))

@@ -66,7 +66,8 @@ def may_have_links(text: str) -> bool:
     so any `//` counts as well. (A `mailto:` link holds an `@`, which the pretest
     takes without a boundary.)
     """
-    return "//" in text or parser().linkify.pretest(text)
+    linkify = parser().linkify
+    return "//" in text or bool(linkify is not None and linkify.pretest(text))
 
 
 def render_markdown(text: str) -> SafeString:

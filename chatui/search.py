@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from django.db import connection
 from django.db.models import Q, QuerySet
@@ -84,7 +85,7 @@ class Found:
     message_id: int | None
 
 
-def conversations(user: object, query: str, limit: int = 20) -> list[Found]:
+def conversations(user: Any, query: str, limit: int = 20) -> list[Found]:
     """The person's conversations whose title or messages match, newest first."""
     terms = words(query)
     if not terms:

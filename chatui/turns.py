@@ -34,10 +34,9 @@ from chatui import approvals, layers, process
 from chatui.frames import (
     ApprovalFrame,
     DeltaFrame,
-    MessageFrame,
     RetractFrame,
     SnapshotFrame,
-    TurnState,
+    message_frame,
     turn_frame,
 )
 from chatui.letta import servers
@@ -55,6 +54,7 @@ from chatui.letta.schemas import (
     REQUEST_ITEM,
     GroupRequest,
     StreamRequest,
+    ToolReturnMessage,
     edits_memory,
 )
 from chatui.letta.servers import failure_of
@@ -205,7 +205,7 @@ class Fanout:
     def message(self, frame: dict[str, Any]) -> None:
         """A message stored (or stored again, when chatui learnt better)."""
         self.stored = [known for known in self.stored if known["id"] != frame["id"]] + [frame]
-        self.put(MessageFrame(message=frame).data())
+        self.put(message_frame(frame))
 
     def retract(self, ids: list[int]) -> None:
         """Messages stored, then taken back."""
@@ -795,7 +795,7 @@ class TurnRun:
             log.warning("turn %s: could not read unstreamed tool results: %s", self.turn.pk, error)
             return
         for message in recent:
-            if message.message_type == "tool_return_message" and message.tool_call_id in missing:
+            if isinstance(message, ToolReturnMessage) and message.tool_call_id in missing:
                 missing.discard(message.tool_call_id)
                 await self.store(message)
 
@@ -864,9 +864,11 @@ class TurnRun:
         return {
             "type": "conversation.snapshot",
             "messages": self.fanout.stored,
-            "frame": SnapshotFrame(
-                turn=TurnState(**self.turn.as_frame()),
-                open=[Message.open_frame(m) for m in self.assembler.open_messages()],
+            "frame": SnapshotFrame.model_validate(
+                {
+                    "turn": self.turn.as_frame(),
+                    "open": [Message.open_frame(m) for m in self.assembler.open_messages()],
+                }
             ).data(),
         }
 
@@ -882,7 +884,9 @@ class TurnRun:
             return
         # Groups have no cancel route: cancel what each member is running.
         if self.conversation.target_kind == TargetKind.GROUP:
-            targets = [(Thread(member["id"]), None) for member in self.conversation.members]
+            targets: list[tuple[Thread, list[str] | None]] = [
+                (Thread(member["id"]), None) for member in self.conversation.members
+            ]
         else:
             targets = [(self.thread, [self.run_id] if self.run_id else None)]
         async with LettaClient.from_settings() as client:
@@ -1004,7 +1008,9 @@ def store_sends(sends: list[Send]) -> list[Stored | Exception]:
             continue
         run = TurnRun(turn, send.conversation)
         runs.append(run)
-        stored.append(Stored(turn, True, run, turn.user_message.as_frame()))
+        message = turn.user_message
+        assert message is not None  # stored with the turn, just now
+        stored.append(Stored(turn, True, run, message.as_frame()))
     # The runners' first trip to the database thread, taken on this one: with many
     # sends at once, every trip saved starts every stream sooner. The agents' locks
     # are taken together.

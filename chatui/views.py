@@ -106,11 +106,11 @@ def available_targets(user: Any) -> tuple[list[dict[str, Any]], list[dict[str, A
     forbidden = Target.forbidden_ids(user)
     chosen = {target.letta_id: target for target in Target.objects.all()}
     names = {agent.id: agent.name or agent.id for agent in agents}
-    listed = []
+    listed: list[dict[str, Any]] = []
     for group in groups:
         if group.id in forbidden:
             continue
-        members = [
+        members: list[dict[str, Any]] = [
             {"id": agent_id, "name": names.get(agent_id, agent_id), "colour": n % PALETTE + 1}
             for n, agent_id in enumerate(group.agent_ids)
         ]
@@ -122,7 +122,7 @@ def available_targets(user: Any) -> tuple[list[dict[str, Any]], list[dict[str, A
         listed.append(
             {"id": group.id, "name": name, "description": description, "members": members}
         )
-    offered = []
+    offered: list[dict[str, Any]] = []
     for agent in agents:
         if agent.id in forbidden:
             continue
@@ -149,7 +149,9 @@ def member_colours(conversation: Conversation) -> list[dict[str, Any]]:
 
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    latest = request.user.conversations.said_something().only("id").first()
+    latest = (
+        Conversation.objects.filter(owner_id=request.user.pk).said_something().only("id").first()
+    )
     if latest is None:
         return redirect("new_conversation")
     return redirect("conversation", latest.pk)
@@ -381,7 +383,7 @@ def upload_attachment(request: HttpRequest, conversation_id: int) -> HttpRespons
     if upload is None:
         return JsonResponse({"error": "Choose an image to attach."}, status=400)
     limit = settings.IMAGE_MAX_BYTES
-    if upload.size > limit:
+    if (upload.size or 0) > limit:
         return JsonResponse(
             {"error": f"{upload.name} is larger than {limit // (1024 * 1024)} MB."}, status=400
         )
@@ -395,7 +397,7 @@ def upload_attachment(request: HttpRequest, conversation_id: int) -> HttpRespons
     attachment = Attachment.objects.create(
         conversation=conversation,
         media_type=media_type,
-        name=upload.name[:200],
+        name=(upload.name or "image")[:200],
         size=len(data),
         data=data,
     )

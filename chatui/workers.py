@@ -43,11 +43,11 @@ def claim(turn: Turn) -> bool:
 
 def orphans(conversation_id: int | None = None) -> list[Turn]:
     """Orphaned turns (of one conversation, or all), claimed for this worker."""
-    active = Turn.objects.filter(status__in=Turn.ACTIVE).select_related("conversation")
+    query = Turn.objects.filter(status__in=Turn.ACTIVE).select_related("conversation")
     if conversation_id is not None:
-        active = active.filter(conversation_id=conversation_id)
+        query = query.filter(conversation_id=conversation_id)
     alive = Worker.alive_names()
-    active = list(active.order_by("pk"))
+    active = list(query.order_by("pk"))
     if conversation_id is None:
         for pk in set(unclaimed_since) - {turn.pk for turn in active}:
             unclaimed_since.pop(pk, None)  # ended meanwhile

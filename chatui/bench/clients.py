@@ -19,6 +19,7 @@ browser's `send` frame) to the arrival of its first token: what a person waits f
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 import time
@@ -175,7 +176,7 @@ def open_socket(url: str, cookie: str = "", origin: str = "") -> Any:
     )
 
 
-async def within(seconds: float, turns: list[Awaitable[Tally]], tallies: list[Tally]) -> None:
+async def within(seconds: float, turns: Sequence[Awaitable[Tally]], tallies: list[Tally]) -> None:
     """Run a round's turns; those not done in time end there, and what they missed is
     counted as lost rather than waited for."""
     tasks = [asyncio.ensure_future(turn) for turn in turns]
@@ -185,8 +186,8 @@ async def within(seconds: float, turns: list[Awaitable[Tally]], tallies: list[Ta
     for task, tally in zip(tasks, tallies, strict=True):
         if task in late:
             tally.closed = f"no end of turn within {seconds:.0f} s"
-        elif task.exception() is not None:
-            raise task.exception()
+        elif (error := task.exception()) is not None:
+            raise error
 
 
 async def in_batches(calls: Sequence[Callable[[], Awaitable[Any]]]) -> list[Any]:
@@ -286,7 +287,7 @@ async def chatui_turn(socket: ClientConnection, text: str, tally: Tally) -> Tall
     while True:
         try:
             async with asyncio.timeout(page.quiet):
-                frame = await socket.recv()
+                frame = await socket.recv(decode=True)
         except TimeoutError:
             await page.quiet_too_long()  # the turn's end may have gone missing
             continue
@@ -298,7 +299,7 @@ async def chatui_turn(socket: ClientConnection, text: str, tally: Tally) -> Tall
 
 
 async def chatui_round(conversations: list[Conversation], tokens: int, pace: float) -> Relayed:
-    sockets = await in_batches([lambda c=c: open_conversation(c) for c in conversations])
+    sockets = await in_batches([functools.partial(open_conversation, c) for c in conversations])
     tallies = [Tally() for _ in sockets]
     text = request_text(tokens, pace)
     try:
@@ -320,7 +321,7 @@ async def bare_turn(socket: ClientConnection, agent: str, text: str, tally: Tall
     await socket.send(json.dumps({"agent": agent, "text": text}))
     while True:
         try:
-            line = await socket.recv()
+            line = await socket.recv(decode=True)
         except ConnectionClosed as closed:
             tally.closed = str(closed)
             return tally
@@ -332,7 +333,7 @@ async def bare_turn(socket: ClientConnection, agent: str, text: str, tally: Tall
 
 async def bare_round(addresses: list[str], agents: list[str], tokens: int, pace: float) -> Relayed:
     urls = [f"{addresses[i % len(addresses)]}/relay/" for i in range(len(agents))]
-    sockets = await in_batches([lambda u=u: open_socket(u) for u in urls])
+    sockets = await in_batches([functools.partial(open_socket, u) for u in urls])
     text = request_text(tokens, pace)
     tallies = [Tally() for _ in sockets]
     turns = [
@@ -376,7 +377,7 @@ async def direct_round(upstream: str, agents: list[str], tokens: int, pace: floa
 
 async def open_idle(conversations: list[Conversation]) -> list[ClientConnection]:
     """Sockets that connected and synced, then sit idle as a background tab's do."""
-    return await in_batches([lambda c=c: open_conversation(c) for c in conversations])
+    return await in_batches([functools.partial(open_conversation, c) for c in conversations])
 
 
 async def close_all(sockets: list[ClientConnection]) -> None:

@@ -114,7 +114,7 @@ def wait_for_port(port: int, process: subprocess.Popen, log: Path) -> None:
     url = f"http://127.0.0.1:{port}/"
     outcome = until_answering(url, lambda: process.poll() is None, START_TIMEOUT, any_answer=True)
     if outcome == "exited":
-        raise RuntimeError(f"{process.args} exited:\n{log.read_text()[-3000:]}")
+        raise RuntimeError(f"{process.args!r} exited:\n{log.read_text()[-3000:]}")
     if outcome == "timed out":
         raise RuntimeError(f"nothing listened on {port} after {START_TIMEOUT:.0f} s")
 
@@ -176,6 +176,7 @@ def start_upstream() -> tuple[subprocess.Popen, str]:
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert process.stdout is not None  # a pipe, asked for above
     line = process.stdout.readline()
     if "http://" not in line:
         raise RuntimeError(f"the bench upstream did not start (exit {process.poll()})")
@@ -465,13 +466,15 @@ def counting_writes() -> Iterator[list[str]]:
         counted(sql, len(param_list))
         return executemany(self, sql, param_list)
 
-    utils.CursorWrapper.execute = counting_execute
-    utils.CursorWrapper.executemany = counting_executemany
+    # Every connection of every thread (the consumer's is not this one), so not
+    # connection.execute_wrapper, which wraps one connection.
+    utils.CursorWrapper.execute = counting_execute  # type: ignore[method-assign]
+    utils.CursorWrapper.executemany = counting_executemany  # type: ignore[method-assign]
     try:
         yield writes
     finally:
-        utils.CursorWrapper.execute = execute
-        utils.CursorWrapper.executemany = executemany
+        utils.CursorWrapper.execute = execute  # type: ignore[method-assign]
+        utils.CursorWrapper.executemany = executemany  # type: ignore[method-assign]
 
 
 async def writes_per_turn(conversation: int, cookie: str, token_counts: tuple[int, ...]):

@@ -247,6 +247,7 @@ async def agent_send(request: web.Request) -> web.StreamResponse:
     body = body.model_copy(update={"include_pings": False})
     run = Run(agent.id, message_types=body.include_return_message_types)
     upstream.start(AgentTurn(upstream, run, agent, upstream.conversations[agent.id], body))
+    assert run.task is not None  # started just now
     await run.task
     return letta_response(run, run.usage)
 

@@ -137,6 +137,7 @@ async def conversation_send(request: web.Request) -> web.StreamResponse:
         memory = upstream.memory_of(agent.id, conversation)
         turn = AgentTurn(upstream, run, agent, conversation.history, body, memory=memory)
         upstream.start(turn)
+        assert run.task is not None  # started just now
         await run.task
         return letta_response(run, run.usage)
     return await start_agent_stream(request, agent, body, conversation)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -38,7 +39,7 @@ class Run:
         *,
         background: bool = False,
         listed: bool = True,
-        message_types: list[str] | None = None,
+        message_types: Sequence[str] | None = None,
         conversation_id: str | None = None,
     ) -> None:
         self.id = new_id("run")

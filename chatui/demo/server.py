@@ -129,6 +129,7 @@ async def group_send(request: web.Request) -> web.Response:
     run = await start_group(request, streaming=False)
     if isinstance(run, web.Response):
         return run
+    assert run.task is not None  # started just now
     await run.task
     # Letta 0.11.7's usage for a group send also carries steps_messages.
     usage = {key: value for key, value in (run.usage or {}).items() if key != "run_ids"}

@@ -110,9 +110,10 @@ class AgentTurn:
     async def perform(self) -> None:
         if self.request.include_pings:
             self.run.emit(ping(self.run.id), kind="ping")
-        first = self.request.messages[0]
+        sent = self.request.messages or []  # validated: never empty
+        first = sent[0]
         if isinstance(first, MessageCreate):
-            messages = [m for m in self.request.messages if isinstance(m, MessageCreate)]
+            messages = [m for m in sent if isinstance(m, MessageCreate)]
             await self.on_messages(messages)
         else:
             # Letta would also take messages after the decision; the demo reads only it.
@@ -241,7 +242,7 @@ class AgentTurn:
 
     def emit_tool_returns(self, outcomes: list[Outcome], step_id: str) -> None:
         row_id = new_id("message")
-        returns = []
+        returns: list[dict[str, Any]] = []
         for outcome in outcomes:
             ran = outcome.decision == "approved" and not outcome.call.client
             returns.append(
@@ -308,7 +309,7 @@ class AgentTurn:
             return
         self.end("end_turn")
 
-    async def stream_text(self, kind: str, row: Row, step_id: str, plan: Plan) -> bool:
+    async def stream_text(self, kind: str, row: Row, step_id: str | None, plan: Plan) -> bool:
         """Stream reasoning or an answer into `row`; False if the run stopped meanwhile."""
         tokens = plan.reasoning if kind == "reasoning_message" else plan.answer
         otid = otid_for(row.id, len(row.messages))
@@ -496,7 +497,7 @@ class GroupTurn(AgentTurn):
         self.stamp_run = False
 
     async def perform(self) -> None:
-        message = self.request.messages[0]
+        message = (self.request.messages or [])[0]  # validated: never empty
         first = self.members[0]
         if not isinstance(message, MessageCreate):
             # A decision on the tool call a member asked about: that member goes on.

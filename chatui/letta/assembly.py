@@ -19,7 +19,7 @@ What real servers do that shapes this:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from chatui.letta.schemas import (
     ApprovalRequestMessage,
@@ -215,7 +215,7 @@ class _OpenMessage:
         elif self.key[0] in TEXT_FIELDS:
             has_text = self.text or not isinstance(self.first, HiddenReasoningMessage)
             update[TEXT_FIELDS[self.key[0]]] = self.text if has_text else None
-        return self.first.model_copy(update=update)
+        return cast(LettaMessage, self.first.model_copy(update=update))
 
 
 def _text_piece(event: MessageBase) -> str:
@@ -271,7 +271,7 @@ class Assembler:
             return [*self._close(), Failed(event)]
         # Everything else (tool returns, user and system messages, approval
         # responses, summaries, events, unknown types) comes whole.
-        return [*self._close(), Completed(event)]
+        return [*self._close(), Completed(cast(LettaMessage, event))]
 
     def finish(self) -> list[Completed]:
         """Complete whatever is still open (the stream ended or was abandoned)."""

@@ -322,7 +322,8 @@ def tls_context() -> ssl.SSLContext:
 # would, so a request never races the server closing its connection.
 KEEPALIVE_SECONDS = 3.0
 # Each event loop's pooled clients, by server: they go when their loop goes.
-pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, httpx.AsyncClient]] = (
+PoolKey = tuple[str, str, float | None, float | None]  # server, key, timeouts
+pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[PoolKey, httpx.AsyncClient]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -810,7 +811,7 @@ class LettaClient:
             page = self._expect_list(await self._json("GET", path, params=params), path)
             fresh = [item for item in page if isinstance(item, dict) and item.get("id") not in seen]
             items.extend(fresh)
-            seen.update(item.get("id") for item in fresh)
+            seen.update(item["id"] for item in fresh if isinstance(item.get("id"), str))
             # A server that ignores `after` would send the same page forever.
             if len(page) < PAGE_SIZE or not fresh:
                 return items

@@ -14,7 +14,7 @@ import logging
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import (
     BaseModel,
@@ -132,7 +132,7 @@ def _image_source_tag(value: Any) -> str | None:
     if not isinstance(value, dict):
         return None
     if value.get("type") in ("url", "base64", "letta"):
-        return value["type"]
+        return str(value["type"])
     # "type" is optional in Letta's schema: tell the sources apart by their fields.
     if "url" in value:
         return "url"
@@ -226,7 +226,7 @@ def _approval_item_tag(value: Any) -> str | None:
     if not isinstance(value, dict):
         return None
     if value.get("type") in ("approval", "tool"):
-        return value["type"]
+        return str(value["type"])
     return "approval" if "approve" in value else "tool"
 
 
@@ -513,7 +513,7 @@ _TAG_BY_TYPE = {tag: tag for tag in _CLASS_BY_TAG} | {
     "summary_message": "summary",
     "event_message": "event",
 }
-_TAG_BY_CLASS = {cls: tag for tag, cls in _CLASS_BY_TAG.items()}
+_TAG_BY_CLASS: dict[type[BaseModel], str] = {cls: tag for tag, cls in _CLASS_BY_TAG.items()}
 
 
 def _message_tag(value: Any) -> str | None:
@@ -600,7 +600,7 @@ def parse_event(data: str | bytes) -> LettaMessage:
             pass
         else:
             if "message_type" in event.model_fields_set:
-                return event
+                return cast(LettaMessage, event)  # the model the union would have chosen
     try:
         return _MESSAGE.validate_json(data)
     except ValidationError as error:

@@ -196,7 +196,7 @@ def resident_mb(pid: int | None) -> float:
 
 def stop_process_group(pid: int | None, expect: str, seconds: float = 20) -> bool:
     """SIGTERM the group a daemon leads (its own session), SIGKILL it if it lingers."""
-    if not pid_alive(pid, expect):
+    if pid is None or not pid_alive(pid, expect):
         return False
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -302,7 +302,7 @@ class Testbed:
         if port_in_use(port):
             pid = listener_pid(port)
             other = testbed_of(pid) if pid else None
-            if other is None:
+            if other is None or pid is None:
                 chosen = free_port()
                 self.say(
                     f"port {port}, usual for {what}, is taken by another program "
@@ -931,7 +931,7 @@ class Testbed:
             # The releases share nothing, so they install and boot side by side.
             with ThreadPoolExecutor(max_workers=len(releases)) as pool:
                 lanes = [pool.submit(self.bring_up, release, llm_url) for release in releases]
-                errors = [lane.exception() for lane in lanes if lane.exception()]
+                errors = [error for lane in lanes if (error := lane.exception()) is not None]
             if errors:
                 raise errors[0]
             self.remember("timings", last_up_s=round(time.monotonic() - started, 1))

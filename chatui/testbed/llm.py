@@ -386,8 +386,8 @@ class ScriptedModel:
                 arguments = json.dumps(values)
                 for start in range(0, len(arguments), ARGUMENT_CHUNK):
                     fragment = arguments[start : start + ARGUMENT_CHUNK]
-                    piece = {"index": index, "function": {"arguments": fragment}}
-                    await send({"tool_calls": [piece]})
+                    chunk = {"index": index, "function": {"arguments": fragment}}
+                    await send({"tool_calls": [chunk]})
                     await asyncio.sleep(pause)
             await send({}, "tool_calls" if reply.tool_name else "stop")
             if (body.get("stream_options") or {}).get("include_usage"):

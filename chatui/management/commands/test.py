@@ -1,7 +1,8 @@
-"""`manage.py test`: install what the tests need, then run the whole suite.
+"""`manage.py test`: install what the tests need, then check the types and run the
+whole suite.
 
 This is README command 2 and what `.ci/run` calls. It replaces Django's own test
-runner with pytest. With arguments it passes them to pytest as they are.
+runner with mypy, then pytest. With arguments it passes them to pytest as they are.
 
 The scale-out tests need PostgreSQL and Redis on 127.0.0.1; when they are installed
 but not running, this starts them (as CI's machine has them, stopped or not).
@@ -113,6 +114,7 @@ class Command(BaseCommand):
         if pytest_args:
             sys.exit(subprocess.run([*pytest, *pytest_args]).returncode)
         stages = [
+            ("types", [sys.executable, "-m", "mypy"]),  # pyproject.toml's [tool.mypy]
             ("fast suite", [*pytest, "-m", "not conformance"]),
             ("real-Letta conformance", [*pytest, "-m", "conformance"]),
         ]
