@@ -26,6 +26,17 @@ from django.utils.functional import cached_property
 from django.utils.safestring import SafeString
 
 from chatui import process
+from chatui.letta.schemas import (
+    ApprovalCreate,
+    ApprovalReturn,
+    Base64ImageSource,
+    ImageContent,
+    MessageCreate,
+    ToolReturn,
+    ToolReturnCreate,
+    text_of,
+    tool_calls_of,
+)
 from chatui.rendering import render_markdown, sanitise
 
 
@@ -216,7 +227,7 @@ class Conversation(models.Model):
             status=Turn.Status.RUNNING,
             worker=process.NAME,
             attempts=1,
-            request={"type": "message", "role": "user", "content": text, "otid": otid},
+            request=MessageCreate(content=text, otid=otid).wire(),
             options=self.options,
             created_at=now,
         )
@@ -485,17 +496,16 @@ class Turn(models.Model):
         list, and streams what the agent does next."""
         otid = str(uuid.uuid4())
         conversation = requesting.conversation
+        group_id = conversation.target_id if conversation.target_kind == TargetKind.GROUP else None
         if all(request.kind == ApprovalRequest.Kind.QUESTION for request in requests):
-            # Answers to questions go back as tool returns (ToolReturnCreate).
+            # Answers to questions go back as tool returns.
             kind = cls.Kind.TOOL_RETURN
             returns = [request.tool_return_item() for request in requests]
-            request = {"type": "tool_return", "tool_returns": returns, "otid": otid}
+            request = ToolReturnCreate(tool_returns=returns, otid=otid, group_id=group_id).wire()
         else:
             kind = cls.Kind.APPROVAL
             approvals = [request.upstream_item() for request in requests]
-            request = {"type": "approval", "approvals": approvals, "otid": otid}
-        if conversation.target_kind == TargetKind.GROUP:
-            request["group_id"] = conversation.target_id
+            request = ApprovalCreate(approvals=approvals, otid=otid, group_id=group_id).wire()
         try:
             with transaction.atomic():
                 turn = cls.objects.create(
@@ -525,15 +535,12 @@ class Turn(models.Model):
         reason = decision.reason or None
         if decision.state == ApprovalRequest.State.ANSWERED:
             reason = f"The person answered instead of running the tool: {decision.answer}"
-        request = {
-            "type": "approval",
-            "approval_request_id": decision.letta_message_id,
-            "approve": decision.state == ApprovalRequest.State.APPROVED,
-            "otid": self.otid,
-        }
-        if reason:
-            request["reason"] = reason
-        return request
+        return ApprovalCreate(
+            approval_request_id=decision.letta_message_id,
+            approve=decision.state == ApprovalRequest.State.APPROVED,
+            reason=reason,
+            otid=self.otid,
+        ).wire()
 
     def mark_attempt(self) -> None:
         Turn.objects.filter(pk=self.pk).update(attempts=models.F("attempts") + 1)
@@ -880,14 +887,8 @@ class Attachment(models.Model):
 
     def as_content(self) -> dict[str, Any]:
         """The image as a Letta ImageContent part (base64 with its media type)."""
-        return {
-            "type": "image",
-            "source": {
-                "type": "base64",
-                "media_type": self.media_type,
-                "data": base64.b64encode(bytes(self.data)).decode(),
-            },
-        }
+        data = base64.b64encode(bytes(self.data)).decode()
+        return ImageContent(source=Base64ImageSource(media_type=self.media_type, data=data)).wire()
 
     def as_frame(self) -> dict[str, Any]:
         from django.urls import reverse
@@ -1085,25 +1086,24 @@ class ApprovalRequest(models.Model):
         Turn.objects.filter(pk=turn.pk).update(request=turn.request)
         return dropped
 
-    def tool_return_item(self) -> dict[str, Any]:
+    def tool_return_item(self) -> ToolReturn:
         """The person's answer as a tool return (for questions, and answer-instead)."""
         answered = self.state == self.State.ANSWERED
-        return {
-            "type": "tool",
-            "tool_call_id": self.tool_call_id,
-            "status": "success" if answered else "error",
-            "tool_return": self.answer if answered else f"No answer: {self.reason or 'declined'}.",
-        }
+        return ToolReturn(
+            tool_call_id=self.tool_call_id,
+            status="success" if answered else "error",
+            tool_return=self.answer if answered else f"No answer: {self.reason or 'declined'}.",
+        )
 
-    def upstream_item(self) -> dict[str, Any]:
+    def upstream_item(self) -> ApprovalReturn | ToolReturn:
         """This decision as one item of Letta's `approvals` list."""
         if self.state == self.State.ANSWERED:
             return self.tool_return_item()
-        item: dict[str, Any] = {"type": "approval", "tool_call_id": self.tool_call_id}
-        item["approve"] = self.state == self.State.APPROVED
-        if self.reason:
-            item["reason"] = self.reason
-        return item
+        return ApprovalReturn(
+            tool_call_id=self.tool_call_id,
+            approve=self.state == self.State.APPROVED,
+            reason=self.reason or None,
+        )
 
     @classmethod
     def expire_stale(cls, now: Any = None) -> list[Turn]:
@@ -1470,50 +1470,3 @@ KIND_BY_MESSAGE_TYPE = {
 }
 TOOL_KINDS = {Message.Kind.TOOL_CALL, Message.Kind.APPROVAL_REQUEST}
 MARKDOWN_KINDS = {Message.Kind.ASSISTANT, Message.Kind.REASONING}
-
-
-def content_text(content: Any) -> str:
-    """Letta content is a string or a list of parts; the text parts, joined."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    return ""
-
-
-def tool_calls_of(data: dict[str, Any]) -> list[dict[str, Any]]:
-    calls = data.get("tool_calls") or ([data["tool_call"]] if data.get("tool_call") else [])
-    return [
-        {
-            "tool_call_id": call.get("tool_call_id") or "",
-            "name": call.get("name") or "",
-            "arguments": call.get("arguments") or "",
-        }
-        for call in calls
-        if isinstance(call, dict)
-    ]
-
-
-def text_of(data: dict[str, Any]) -> str:
-    """The human-readable text of a Letta message, for display and search."""
-    kind = Message.kind_for(data.get("message_type"))
-    if kind in (Message.Kind.ASSISTANT, Message.Kind.USER, Message.Kind.SYSTEM):
-        return content_text(data.get("content"))
-    if kind == Message.Kind.REASONING:
-        return data.get("reasoning") or ""
-    if kind == Message.Kind.HIDDEN_REASONING:
-        return data.get("hidden_reasoning") or ""
-    if kind in TOOL_KINDS:
-        return "\n".join(f"{c['name']} {c['arguments']}" for c in tool_calls_of(data))
-    if kind == Message.Kind.TOOL_RETURN:
-        value = data.get("tool_return")
-        return value if isinstance(value, str) else content_text(value)
-    if kind == Message.Kind.APPROVAL_RESPONSE:
-        return data.get("reason") or ""
-    if kind == Message.Kind.ERROR:
-        return " ".join(filter(None, [data.get("message"), data.get("detail")]))
-    if kind == Message.Kind.SUMMARY:
-        return data.get("summary") or ""
-    if kind == Message.Kind.EVENT:
-        return data.get("event_type") or ""
-    return ""

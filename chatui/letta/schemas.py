@@ -43,6 +43,11 @@ class LettaModel(BaseModel):
     # Letta adds fields release by release; they are kept as data, never refused.
     model_config = ConfigDict(extra="allow")
 
+    def wire(self) -> dict[str, Any]:
+        """As JSON data for Letta (and for storing a request to send again): unset
+        fields left out."""
+        return self.model_dump(mode="json", exclude_none=True)
+
 
 # --- ids ---------------------------------------------------------------------
 
@@ -674,6 +679,60 @@ def expected_tool_calls(detail: str) -> list[str] | None:
     if found is None:
         return None
     return re.findall(r"'([^']+)'", found["expected"])
+
+
+# --- a message's text, as data --------------------------------------------------
+
+TOOL_CALL_TYPES = ("tool_call_message", "approval_request_message")
+
+
+def content_text(content: Any) -> str:
+    """Letta content is a string or a list of parts; the text parts, joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return ""
+
+
+def tool_calls_of(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tool calls of a message (its `tool_calls`, or the single `tool_call` of
+    older servers), each with an id, a name and arguments, never None."""
+    calls = data.get("tool_calls") or ([data["tool_call"]] if data.get("tool_call") else [])
+    return [
+        {
+            "tool_call_id": call.get("tool_call_id") or "",
+            "name": call.get("name") or "",
+            "arguments": call.get("arguments") or "",
+        }
+        for call in calls
+        if isinstance(call, dict)
+    ]
+
+
+def text_of(data: dict[str, Any]) -> str:
+    """The human-readable text of a Letta message (as data), for display and search."""
+    kind = data.get("message_type")
+    if kind in ("assistant_message", "user_message", "system_message"):
+        return content_text(data.get("content"))
+    if kind == "reasoning_message":
+        return str(data.get("reasoning") or "")
+    if kind == "hidden_reasoning_message":
+        return str(data.get("hidden_reasoning") or "")
+    if kind in TOOL_CALL_TYPES:
+        return "\n".join(f"{c['name']} {c['arguments']}" for c in tool_calls_of(data))
+    if kind == "tool_return_message":
+        value = data.get("tool_return")
+        return value if isinstance(value, str) else content_text(value)
+    if kind == "approval_response_message":
+        return str(data.get("reason") or "")
+    if kind == "error_message":
+        return " ".join(filter(None, [data.get("message"), data.get("detail")]))
+    if kind in ("summary", "summary_message"):
+        return str(data.get("summary") or "")
+    if kind in ("event", "event_message"):
+        return str(data.get("event_type") or "")
+    return ""
 
 
 # --- other resources chatui reads --------------------------------------------
