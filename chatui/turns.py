@@ -228,6 +228,44 @@ class Fanout:
                 log.exception("turn %s: a frame did not reach other workers", self.turn_id)
 
 
+@dataclass
+class AgentSlot:
+    """A turn's place with its agent: only one turn at a time streams on an agent's
+    shared thread (a chat with a Letta conversation of its own needs no lock)."""
+
+    needs_lock: bool
+    begun: bool | None = None  # begin()'s answer, when it ran before start()
+    released: bool = False
+    agent_free: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class Upstream:
+    """The turn's side of its Letta run."""
+
+    run_id: str = ""
+    background: bool = False
+    client: LettaClient | None = None
+    prepared: StreamRequest | None = None  # the request, built with the lock
+    sent: bool = False  # the request went upstream
+    # The stream broke in a way a background run can be re-attached after.
+    broken: bool = False
+    recording: asyncio.Task[None] | None = None  # storing the run id
+
+
+@dataclass
+class Repairs:
+    """What the turn learnt from this server's answers that it must make up for."""
+
+    token_approval_crashed: bool = False  # asked again step by step
+    # The calls the server said it expects decisions for (it refused the others).
+    expected_calls: list[str] | None = None
+    results_checked: bool = False
+    returned_calls: set[str] = field(default_factory=set)  # tool calls whose result was stored
+    # Answers stored with a backslash in them, by Letta id: the speaker's name.
+    escaped: dict[str, str] = field(default_factory=dict)
+
+
 class TurnRun:
     """One turn streaming from Letta in this process."""
 
@@ -238,30 +276,14 @@ class TurnRun:
         self.layer = get_channel_layer()
         self.assembler = Assembler()
         self.fanout = Fanout(turn.pk, conversation.group_name, self.layer)
-        self.prepared: StreamRequest | None = None  # the request, built with the lock
-        self.begun: bool | None = None  # begin()'s answer, when it ran before start()
-        self.released = False  # the agent's lock
-        self.stop_requested = False
         self.outcome = Outcome()
-        # The stream broke in a way a background run can be re-attached after.
-        self.broken = False
-        self.sent = False  # the request went upstream
-        self.client: LettaClient | None = None
-        self.token_approval_crashed = False
-        # The calls the server said it expects decisions for (it refused the others).
-        self.expected_calls: list[str] | None = None
-        self.results_checked = False
-        self.returned_calls: set[str] = set()  # tool calls whose result was stored
-        # Answers stored with a backslash in them, by Letta id: the speaker's name.
-        self.escaped: dict[str, str] = {}
-        self.background = turn.background
-        self.run_id = turn.run_id
         # A chat with a Letta conversation of its own never waits for its agent.
-        self.needs_lock = not conversation.letta_conversation_id
-        self.agent_free = asyncio.Event()
-        self.task: asyncio.Task | None = None
-        self.recording: asyncio.Task | None = None  # storing the run id
-        self.stream_task: asyncio.Task | None = None
+        self.lock = AgentSlot(needs_lock=not conversation.letta_conversation_id)
+        self.upstream = Upstream(run_id=turn.run_id, background=turn.background)
+        self.repairs = Repairs()
+        self.stop_requested = False
+        self.task: asyncio.Task[None] | None = None
+        self.stream_task: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -304,14 +326,14 @@ class TurnRun:
             await self.finish()
         finally:
             control.cancel()
-            if self.needs_lock and not self.released:
+            if self.lock.needs_lock and not self.lock.released:
                 await database_sync_to_async(AgentLock.release)(self.turn)
             await self.fanout.close()
             with contextlib.suppress(Exception):  # logged by the layer; the turn is over
                 await self.layer.group_discard(
                     control_group(self.conversation.pk), self.control_channel
                 )
-                if self.needs_lock:
+                if self.lock.needs_lock:
                     await self.layer.group_send(
                         agent_group(self.agent_id), {"type": "agent.released"}
                     )
@@ -353,7 +375,7 @@ class TurnRun:
         try:
             async with LettaClient.from_settings(shared=True) as client:
                 await self.wait_for_agent()
-                self.client = client
+                self.upstream.client = client
                 try:
                     if self.taking_over:
                         await self.take_over(client)
@@ -415,11 +437,11 @@ class TurnRun:
         if self.conversation.target_kind == TargetKind.GROUP:
             await self.send_to_group(client)
             return
-        request = self.prepared or await database_sync_to_async(self.request)()
+        request = self.upstream.prepared or await database_sync_to_async(self.request)()
         if not await self.streams_tokens(client):
             request = request.model_copy(update={"stream_tokens": False})
         while True:  # each refusal that says what the server takes is answered once
-            self.sent, self.background = True, bool(request.background)
+            self.upstream.sent, self.upstream.background = True, bool(request.background)
             try:
                 await self.relay(client.stream_message(self.thread, request))
                 break
@@ -430,10 +452,10 @@ class TurnRun:
                 if retry is None:
                     raise
                 request = retry
-        if self.token_approval_crashed and request.stream_tokens:
+        if self.repairs.token_approval_crashed and request.stream_tokens:
             await self.resend_without_tokens(client, request)
             return
-        if self.expected_calls is not None and self.turn.kind == Turn.Kind.APPROVAL:
+        if self.repairs.expected_calls is not None and self.turn.kind == Turn.Kind.APPROVAL:
             await self.resend_expected_decisions(client, request)
             return
         await self.reattach(client)
@@ -442,7 +464,7 @@ class TurnRun:
         """The server refused the decisions because it waits for fewer calls than were
         decided (Letta 0.16.4 keeps only the first call of a parallel step): send exactly
         the decisions it expects, and say that the other calls were dropped, never run."""
-        expected, self.expected_calls = self.expected_calls or [], None
+        expected, self.repairs.expected_calls = self.repairs.expected_calls or [], None
         dropped = await database_sync_to_async(ApprovalRequest.drop_unexpected)(self.turn, expected)
         if not dropped:
             return  # nothing to take out: the refusal stands
@@ -481,7 +503,11 @@ class TurnRun:
         if retracted:
             self.fanout.retract(retracted)
         self.assembler = Assembler()
-        self.outcome.error, self.outcome.stop_reason, self.token_approval_crashed = None, "", False
+        self.outcome.error, self.outcome.stop_reason, self.repairs.token_approval_crashed = (
+            None,
+            "",
+            False,
+        )
         request = request.model_copy(update={"stream_tokens": False})
         await self.relay(client.stream_message(self.thread, request))
 
@@ -489,9 +515,9 @@ class TurnRun:
         """Groups answer on their own endpoints: streamed where the server offers that
         (Letta 0.11.7), else one JSON answer after all members spoke. Which one a
         server has is learnt once, not tried on every send."""
-        request = self.prepared or await database_sync_to_async(self.request)()
+        request = self.upstream.prepared or await database_sync_to_async(self.request)()
         request = request.model_copy(update={"background": None})
-        self.sent = True
+        self.upstream.sent = True
         if client.server.group_stream:
             try:
                 await self.relay(client.stream_group_message(self.agent_id, request))
@@ -520,7 +546,7 @@ class TurnRun:
                             self.take_delta(update)
                         else:
                             await self.handle([update])
-                    if stream.run_id and stream.run_id != self.run_id:
+                    if stream.run_id and stream.run_id != self.upstream.run_id:
                         self.remember_run(stream.run_id)
                     # Reading a burst does not wait for the network: let a frame just
                     # made leave now, and flush timers and other turns run meanwhile.
@@ -529,7 +555,7 @@ class TurnRun:
                         await asyncio.sleep(0)
                         stepped_aside = time.monotonic()
                 if not stream.done and not self.outcome.stop_reason and not self.outcome.error:
-                    self.broken = True
+                    self.upstream.broken = True
                     self.outcome.error = (
                         "stream_ended",
                         "The connection to the agent ended before the reply was complete.",
@@ -537,48 +563,50 @@ class TurnRun:
         except (LettaConnectionError, LettaTimeout) as error:
             if not self.resumable:
                 raise
-            self.broken = True
+            self.upstream.broken = True
             self.outcome.error = describe(error)
 
     def remember_run(self, run_id: str) -> None:
         """Keep the run id at once (Stop and resume need it) and store it without
         holding up the stream: under load the database thread has a queue, and tokens
         waiting behind it reach nobody."""
-        self.run_id = run_id
-        self.turn.run_id, self.turn.background = run_id, self.background
-        previous, background = self.recording, self.background
+        self.upstream.run_id = run_id
+        self.turn.run_id, self.turn.background = run_id, self.upstream.background
+        previous, background = self.upstream.recording, self.upstream.background
 
         async def record() -> None:
             if previous is not None:
                 await previous
             await trip_queue("runs").submit((self.turn, run_id, background))
 
-        self.recording = asyncio.create_task(record())
+        self.upstream.recording = asyncio.create_task(record())
 
     @property
     def resumable(self) -> bool:
-        return bool(self.turn.background and self.run_id) and not self.stop_requested
+        return bool(self.turn.background and self.upstream.run_id) and not self.stop_requested
 
     async def reattach(self, client: LettaClient) -> None:
         """A background run's stream broke: follow the run again from the last event
         handled, a few times with a growing pause, before giving up."""
         for attempt in range(settings.RESUME_ATTEMPTS):
-            if not (self.broken and self.resumable):
+            if not (self.upstream.broken and self.resumable):
                 return
             await asyncio.sleep(min(0.25 * 2**attempt, 4))
             log.info(
                 "turn %s: resuming run %s after seq %s",
                 self.turn.pk,
-                self.run_id,
+                self.upstream.run_id,
                 self.assembler.last_seq_id,
             )
-            self.broken, self.outcome.error = False, None
-            await self.relay(client.resume(self.thread, self.run_id, self.assembler.last_seq_id))
+            self.upstream.broken, self.outcome.error = False, None
+            await self.relay(
+                client.resume(self.thread, self.upstream.run_id, self.assembler.last_seq_id)
+            )
 
     async def take_over(self, client: LettaClient) -> None:
         """Finish a turn a dead worker was streaming: re-attach to a background run
         after the last message stored, or read what the run produced from history."""
-        if not self.run_id:
+        if not self.upstream.run_id:
             self.outcome.error = (
                 "interrupted",
                 "chatui restarted before the agent answered. Retry to send the message again.",
@@ -593,7 +621,7 @@ class TurnRun:
         if self.turn.background:
             durable = await database_sync_to_async(self.turn.durable_seq_id)()
             self.assembler = Assembler(after_seq_id=durable)
-            self.broken = True
+            self.upstream.broken = True
             await self.reattach(client)
             return
         await self.recover_from_history(client)
@@ -602,12 +630,12 @@ class TurnRun:
         """The run was not resumable: wait for it to end upstream, then store what it
         produced from the agent's history (each message once)."""
         deadline = time.monotonic() + settings.LETTA_READ_TIMEOUT
-        run = await client.get_run(self.run_id)
+        run = await client.get_run(self.upstream.run_id)
         while run.status in ("created", "running") and time.monotonic() < deadline:
             await asyncio.sleep(1)
-            run = await client.get_run(self.run_id)
+            run = await client.get_run(self.upstream.run_id)
         async for message in client.iter_messages(self.thread):
-            if message.run_id == self.run_id and message.message_type != "user_message":
+            if message.run_id == self.upstream.run_id and message.message_type != "user_message":
                 await self.store(message)
         self.outcome.stop_reason = run.stop_reason or ""
         if run.status in ("cancelled",):
@@ -652,24 +680,24 @@ class TurnRun:
         fails the turn readably if it must. `locked`: the lock was asked for already,
         together with other turns' (AgentLock.acquire_many), and this was the answer."""
         try:
-            self.begun = self.acquire(locked)
+            self.lock.begun = self.acquire(locked)
         except Exception:
             log.exception("turn %s: could not begin with its send", self.turn.pk)
 
     def acquire(self, locked: bool | None = None) -> bool:
         """Take the agent's lock (only a shared thread has one) and, with it, build the
         request to send."""
-        if locked is None and self.needs_lock:
+        if locked is None and self.lock.needs_lock:
             locked = AgentLock.acquire(self.turn)
         if locked is False:
             return False
         if not self.taking_over:
-            self.prepared = self.request()
+            self.upstream.prepared = self.request()
         return True
 
     async def wait_for_agent(self) -> None:
         """Take the agent's lock; while another turn holds it, show this one queued."""
-        begun, self.begun = self.begun, None
+        begun, self.lock.begun = self.lock.begun, None
         if begun is None:
             begun = await database_sync_to_async(self.begin)()
         if begun:
@@ -684,9 +712,9 @@ class TurnRun:
                     queued = True
                     await database_sync_to_async(self.turn.set_status)(Turn.Status.QUEUED)
                     self.fanout.put(turn_frame(self.turn))
-                self.agent_free.clear()
+                self.lock.agent_free.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.agent_free.wait(), settings.AGENT_LOCK_POLL)
+                    await asyncio.wait_for(self.lock.agent_free.wait(), settings.AGENT_LOCK_POLL)
         finally:
             await self.layer.group_discard(agent_group(self.agent_id), self.control_channel)
         if queued:
@@ -710,8 +738,8 @@ class TurnRun:
         else:
             status = Turn.Status.COMPLETED
         code, text = self.outcome.error or ("", "")
-        if self.recording is not None:
-            await self.recording
+        if self.upstream.recording is not None:
+            await self.upstream.recording
         await database_sync_to_async(self.conclude)(
             status,
             stop_reason=self.outcome.stop_reason,
@@ -726,9 +754,9 @@ class TurnRun:
     def conclude(self, status: str, **outcome: Any) -> None:
         """Record the outcome and free the agent, in one trip to the database thread."""
         self.turn.finish(status, **outcome)
-        if self.needs_lock:
+        if self.lock.needs_lock:
             AgentLock.release(self.turn)
-        self.released = True
+        self.lock.released = True
 
     # -- events from the assembler ----------------------------------------------------
 
@@ -753,9 +781,9 @@ class TurnRun:
                 else:
                     self.outcome.error = ("upstream", detail)
                 if failure.kind == "approval_stream_crashed":
-                    self.token_approval_crashed = True  # asked again step by step
+                    self.repairs.token_approval_crashed = True  # asked again step by step
                 elif failure.kind == "expected_calls":
-                    self.expected_calls = failure.expected_calls  # sent again, fewer
+                    self.repairs.expected_calls = failure.expected_calls  # sent again, fewer
 
     def take_delta(self, delta: Delta) -> None:
         self.fanout.delta(delta, self.sender_of(delta))
@@ -775,22 +803,22 @@ class TurnRun:
         """The first message after a decision that is not a tool result: Letta 0.16.4
         streams no result for a denied or answered call (only an approved call's), so
         they are read from its history before the agent's answer is stored."""
-        if self.results_checked or self.turn.kind == Turn.Kind.MESSAGE:
+        if self.repairs.results_checked or self.turn.kind == Turn.Kind.MESSAGE:
             return False
         if letta_message.message_type == "tool_return_message":
             return False
-        self.results_checked = True
+        self.repairs.results_checked = True
         return True
 
     async def store_unstreamed_results(self) -> None:
         decided = await database_sync_to_async(
             lambda: set(self.turn.decisions.values_list("tool_call_id", flat=True))
         )()
-        missing = decided - self.returned_calls
-        if not missing or self.client is None:
+        missing = decided - self.repairs.returned_calls
+        if not missing or self.upstream.client is None:
             return
         try:
-            recent = await self.client.list_messages(self.thread, limit=50, order="desc")
+            recent = await self.upstream.client.list_messages(self.thread, limit=50, order="desc")
         except LettaError as error:
             log.warning("turn %s: could not read unstreamed tool results: %s", self.turn.pk, error)
             return
@@ -802,11 +830,11 @@ class TurnRun:
     async def store(self, letta_message: Any) -> None:
         """Persist a complete message; an approval request also becomes decidable."""
         if letta_message.message_type == "tool_return_message":
-            self.returned_calls.update(approvals.returned_call_ids(letta_message))
+            self.repairs.returned_calls.update(approvals.returned_call_ids(letta_message))
         if edits_memory(letta_message):
             self.outcome.memory_changed = True
         if letta_message.message_type == "assistant_message" and "\\" in letta_message.text:
-            self.escaped[letta_message.id or ""] = letta_message.name or ""
+            self.repairs.escaped[letta_message.id or ""] = letta_message.name or ""
         frame, created = await database_sync_to_async(store_message)(self.turn, letta_message)
         self.fanout.message(frame)
         if created:
@@ -817,25 +845,25 @@ class TurnRun:
         streams an answer's text JSON-escaped and cut short, then whole again
         (tests/fixtures/recordings/letta-0.11.7): assembled, that is not what it keeps.
         Answers stored with a backslash are read back from history, and Letta's wins."""
-        if not self.escaped or self.client is None or self.stop_requested:
+        if not self.repairs.escaped or self.upstream.client is None or self.stop_requested:
             return
         members = {m.get("name"): m.get("id") for m in self.conversation.members or []}
         group = self.conversation.target_kind == TargetKind.GROUP
         threads: dict[Thread, set[str]] = {}
-        for letta_id, speaker in self.escaped.items():
+        for letta_id, speaker in self.repairs.escaped.items():
             thread = Thread(members.get(speaker, "")) if group else self.thread
             if thread.agent_id and letta_id:
                 threads.setdefault(thread, set()).add(letta_id)
         for thread, ids in threads.items():
             try:
-                recent = await self.client.list_messages(thread, limit=50, order="desc")
+                recent = await self.upstream.client.list_messages(thread, limit=50, order="desc")
             except (LettaError, ValueError) as error:
                 log.warning("turn %s: cannot read back %s: %s", self.turn.pk, thread, error)
                 continue
             for message in recent:
                 if message.message_type == "assistant_message" and message.id in ids:
                     await self.store(message)  # the row brought up to Letta's text
-        self.escaped = {}
+        self.repairs.escaped = {}
 
     # -- control from sockets on any worker ------------------------------------------
 
@@ -857,7 +885,7 @@ class TurnRun:
                     self.fanout.watched_elsewhere = True
                 await self.layer.send(event["reply_to"], self.snapshot())
             elif event.get("type") == "agent.released":
-                self.agent_free.set()
+                self.lock.agent_free.set()
 
     def snapshot(self) -> dict[str, Any]:
         """Everything streamed so far that is not yet a stored message."""
@@ -878,7 +906,7 @@ class TurnRun:
             return
         self.stop_requested = True
         self.fanout.put(turn_frame(self.turn, stopping=True))
-        if not self.sent:
+        if not self.upstream.sent:
             if self.stream_task is not None:
                 self.stream_task.cancel()
             return
@@ -888,7 +916,7 @@ class TurnRun:
                 (Thread(member["id"]), None) for member in self.conversation.members
             ]
         else:
-            targets = [(self.thread, [self.run_id] if self.run_id else None)]
+            targets = [(self.thread, [self.upstream.run_id] if self.upstream.run_id else None)]
         async with LettaClient.from_settings() as client:
             for thread, run_ids in targets:
                 try:
@@ -1015,7 +1043,7 @@ def store_sends(sends: list[Send]) -> list[Stored | Exception]:
     # sends at once, every trip saved starts every stream sooner. The agents' locks
     # are taken together.
     try:
-        locked = AgentLock.acquire_many([run.turn for run in runs if run.needs_lock])
+        locked = AgentLock.acquire_many([run.turn for run in runs if run.lock.needs_lock])
     except Exception:
         log.exception("could not lock the agents of %s new turns together", len(runs))
         locked = {}
