@@ -21,7 +21,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -269,7 +269,15 @@ class Repairs:
 class TurnRun:
     """One turn streaming from Letta in this process."""
 
-    def __init__(self, turn: Turn, conversation: Conversation, *, taking_over: bool = False):
+    def __init__(
+        self,
+        turn: Turn,
+        conversation: Conversation,
+        *,
+        taking_over: Callable[[TurnRun, LettaClient], Awaitable[None]] | None = None,
+    ):
+        """`taking_over`: how to finish a turn a dead worker was streaming (instead of
+        sending it), given by the worker code (chatui.workers.finish_orphan)."""
         self.turn = turn
         self.conversation = conversation
         self.taking_over = taking_over
@@ -377,8 +385,8 @@ class TurnRun:
                 await self.wait_for_agent()
                 self.upstream.client = client
                 try:
-                    if self.taking_over:
-                        await self.take_over(client)
+                    if self.taking_over is not None:
+                        await self.taking_over(self, client)
                     else:
                         await self.send(client)
                 except LettaError as error:
@@ -602,48 +610,6 @@ class TurnRun:
             await self.relay(
                 client.resume(self.thread, self.upstream.run_id, self.assembler.last_seq_id)
             )
-
-    async def take_over(self, client: LettaClient) -> None:
-        """Finish a turn a dead worker was streaming: re-attach to a background run
-        after the last message stored, or read what the run produced from history."""
-        if not self.upstream.run_id:
-            self.outcome.error = (
-                "interrupted",
-                "chatui restarted before the agent answered. Retry to send the message again.",
-            )
-            return
-        if self.conversation.target_kind == TargetKind.GROUP:
-            self.outcome.error = (
-                "interrupted",
-                "chatui restarted while the group was answering. Retry to ask again.",
-            )
-            return
-        if self.turn.background:
-            durable = await database_sync_to_async(self.turn.durable_seq_id)()
-            self.assembler = Assembler(after_seq_id=durable)
-            self.upstream.broken = True
-            await self.reattach(client)
-            return
-        await self.recover_from_history(client)
-
-    async def recover_from_history(self, client: LettaClient) -> None:
-        """The run was not resumable: wait for it to end upstream, then store what it
-        produced from the agent's history (each message once)."""
-        deadline = time.monotonic() + settings.LETTA_READ_TIMEOUT
-        run = await client.get_run(self.upstream.run_id)
-        while run.status in ("created", "running") and time.monotonic() < deadline:
-            await asyncio.sleep(1)
-            run = await client.get_run(self.upstream.run_id)
-        async for message in client.iter_messages(self.thread):
-            if message.run_id == self.upstream.run_id and message.message_type != "user_message":
-                await self.store(message)
-        self.outcome.stop_reason = run.stop_reason or ""
-        if run.status in ("cancelled",):
-            self.outcome.stop_reason = self.outcome.stop_reason or "cancelled"
-        elif run.status == "failed" and not self.outcome.stop_reason:
-            self.outcome.error = ("upstream", "The agent's run failed.")
-        elif not self.outcome.stop_reason:
-            self.outcome.stop_reason = "end_turn"
 
     async def adopt_pending_approval(self, client: LettaClient) -> None:
         """Letta says (or seems to say) the agent waits for an approval chatui never saw,

@@ -7,12 +7,17 @@ starts again under the same name. Upkeep also expires stale approval requests.
 
 Daphne has no start-up hook, so upkeep starts with the first ASGI call this process
 serves (a health check is enough).
+
+Taking a turn over is finishing it here: re-attaching to its background run after the
+last message stored, or reading what its run produced from the agent's history
+(`finish_orphan`, which the turn runner calls instead of sending).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from channels.db import database_sync_to_async
@@ -20,7 +25,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from chatui import approvals, process, turns
-from chatui.models import Turn, Worker
+from chatui.letta.assembly import Assembler
+from chatui.letta.client import LettaClient
+from chatui.models import TargetKind, Turn, Worker
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +66,54 @@ async def take_over(conversation_id: int | None = None) -> list[Any]:
     adopted = []
     for turn in await database_sync_to_async(orphans)(conversation_id):
         log.info("worker %s takes over turn %s (was %s)", NAME, turn.pk, turn.taken_from)
-        run = turns.TurnRun(turn, turn.conversation, taking_over=True)
+        run = turns.TurnRun(turn, turn.conversation, taking_over=finish_orphan)
         run.start()
         adopted.append(run)
     return adopted
+
+
+async def finish_orphan(run: turns.TurnRun, client: LettaClient) -> None:
+    """Finish a turn a dead worker was streaming: re-attach to a background run
+    after the last message stored, or read what the run produced from history."""
+    if not run.upstream.run_id:
+        run.outcome.error = (
+            "interrupted",
+            "chatui restarted before the agent answered. Retry to send the message again.",
+        )
+        return
+    if run.conversation.target_kind == TargetKind.GROUP:
+        run.outcome.error = (
+            "interrupted",
+            "chatui restarted while the group was answering. Retry to ask again.",
+        )
+        return
+    if run.turn.background:
+        durable = await database_sync_to_async(run.turn.durable_seq_id)()
+        run.assembler = Assembler(after_seq_id=durable)
+        run.upstream.broken = True
+        await run.reattach(client)
+        return
+    await recover_from_history(run, client)
+
+
+async def recover_from_history(run: turns.TurnRun, client: LettaClient) -> None:
+    """The run was not resumable: wait for it to end upstream, then store what it
+    produced from the agent's history (each message once)."""
+    deadline = time.monotonic() + settings.LETTA_READ_TIMEOUT
+    letta_run = await client.get_run(run.upstream.run_id)
+    while letta_run.status in ("created", "running") and time.monotonic() < deadline:
+        await asyncio.sleep(1)
+        letta_run = await client.get_run(run.upstream.run_id)
+    async for message in client.iter_messages(run.thread):
+        if message.run_id == run.upstream.run_id and message.message_type != "user_message":
+            await run.store(message)
+    run.outcome.stop_reason = letta_run.stop_reason or ""
+    if letta_run.status in ("cancelled",):
+        run.outcome.stop_reason = run.outcome.stop_reason or "cancelled"
+    elif letta_run.status == "failed" and not run.outcome.stop_reason:
+        run.outcome.error = ("upstream", "The agent's run failed.")
+    elif not run.outcome.stop_reason:
+        run.outcome.stop_reason = "end_turn"
 
 
 def beat() -> None:
