@@ -2,8 +2,9 @@
  * the streaming text (markdown-it and DOMPurify; tool arguments as plain text), the
  * composer with its images, decisions on tool calls, feedback and Stop/Retry. */
 
-import { RECONNECT_DELAYS, attr, decorateCode, element, localTimes, megabytes, parseHTML, postForJson, socketUrl } from "./dom.js";
+import { RECONNECT_DELAYS, attr, decorateCode, element, localTimes, parseHTML, postForJson, socketUrl } from "./dom.js";
 import { CLOSE_ICON, attention } from "./page.js";
+import { Attachments } from "./attachments.js";
 
 const ACTIVE = new Set(["queued", "running"]);
 const TOOL_KINDS = new Set(["tool_call", "approval_request"]);
@@ -76,8 +77,19 @@ export function Conversation(config) {
   const streams = new Map();
   // otid -> {text, images, el, sent}
   const pending = new Map();
-  // Images attached in the composer: {id, file, url, el, uploading}
-  let attached = [];
+  // Images attached in the composer, uploading at once.
+  const attachments = Attachments({
+    limits: config.images,
+    uploadUrl: config.uploadUrl,
+    tray,
+    attachButton,
+    fileInput,
+    textarea,
+    main,
+    dropZone,
+    toast,
+    changed: updateComposer,
+  });
   // The approval form whose decision went out and awaits an answer.
   let deciding = null;
   let latestTurn = config.turn;
@@ -634,8 +646,8 @@ export function Conversation(config) {
           autosize();
         }
         // Images that went missing upstream cannot be sent again: attach them anew.
-        if (frame.code !== "attachment_missing" && !attached.length) {
-          item.images.forEach((image) => restoreAttachment(image));
+        if (frame.code !== "attachment_missing" && !attachments.count) {
+          item.images.forEach((image) => attachments.restore(image));
         }
       }
     }
@@ -790,13 +802,13 @@ export function Conversation(config) {
     const busy = isBusy();
     stopButton.hidden = !busy;
     sendButton.hidden = busy;
-    const uploading = attached.some((image) => image.uploading);
+    const uploading = attachments.uploading;
     // aria-disabled, not disabled: Tab from the message box still reaches Send (a
     // disabled button is skipped, and focus fell out of the page).
-    const cannot = uploading || !(textarea.value.trim() || attached.length);
+    const cannot = uploading || !(textarea.value.trim() || attachments.count);
     sendButton.setAttribute("aria-disabled", String(cannot));
-    attachButton.disabled = attached.length >= config.images.count;
-    tray.hidden = !attached.length;
+    attachButton.disabled = attachments.count >= config.images.count;
+    tray.hidden = !attachments.count;
   }
 
   function autosize() {
@@ -835,8 +847,8 @@ export function Conversation(config) {
 
   function send() {
     const text = textarea.value;
-    if (!text.trim() && !attached.length) return;
-    if (attached.some((image) => image.uploading)) {
+    if (!text.trim() && !attachments.count) return;
+    if (attachments.uploading) {
       toast("Wait a moment: the images are still uploading.");
       return;
     }
@@ -852,141 +864,15 @@ export function Conversation(config) {
       return;
     }
     const id = otid();
-    const images = attached;
+    const images = attachments.take();
     const item = { text, images, el: pendingBubble(text, id, images), sent: false };
     pending.set(id, item);
     if (synced) item.sent = transmit(sendFrame(item, id));
-    attached = [];
-    tray.replaceChildren();
     textarea.value = "";
     autosize();
     updateComposer();
     stick(true);
   }
-
-  // -- images: attach by button, paste or drop; each uploads at once
-
-  function chipFor(image) {
-    const chip = element("div", "attachment-chip");
-    const img = element("img");
-    img.src = image.url;
-    img.alt = image.file.name;
-    const remove = element("button", "attachment-remove");
-    remove.type = "button";
-    remove.setAttribute("aria-label", `Remove ${image.file.name}`);
-    remove.title = "Remove";
-    remove.innerHTML = CLOSE_ICON;
-    remove.addEventListener("click", () => {
-      dropAttachment(image);
-      textarea.focus();
-    });
-    chip.append(img, remove);
-    return chip;
-  }
-
-  function dropAttachment(image) {
-    attached = attached.filter((item) => item !== image);
-    image.el.remove();
-    image.dropped = true;
-    updateComposer();
-  }
-
-  function restoreAttachment(image) {
-    image.el = chipFor(image);
-    attached.push(image);
-    tray.append(image.el);
-    updateComposer();
-  }
-
-  function addFiles(files) {
-    const images = Array.from(files || []).filter((file) => file.type.startsWith("image/"));
-    if (files && files.length && !images.length) {
-      toast("Only images can be attached (PNG, JPEG, GIF or WebP).");
-      return;
-    }
-    for (const file of images) {
-      if (attached.length >= config.images.count) {
-        toast(`Attach at most ${config.images.count} images to one message.`);
-        break;
-      }
-      if (file.size > config.images.bytes) {
-        toast(`${file.name} is larger than ${megabytes(config.images.bytes)}; it was not attached.`);
-        continue;
-      }
-      const image = { id: null, file, url: URL.createObjectURL(file), uploading: true };
-      image.el = chipFor(image);
-      image.el.classList.add("is-uploading");
-      attached.push(image);
-      tray.append(image.el);
-      upload(image);
-    }
-    updateComposer();
-  }
-
-  async function upload(image) {
-    const body = new FormData();
-    body.append("file", image.file, image.file.name);
-    let problem = "";
-    try {
-      const { response, answer } = await postForJson(config.uploadUrl, body);
-      if (response.status === 201 && answer.id) image.id = answer.id;
-      else problem = answer.error || `${image.file.name} could not be attached (HTTP ${response.status}).`;
-    } catch (error) {
-      problem = `${image.file.name} could not be uploaded: the connection failed.`;
-    }
-    image.uploading = false;
-    if (image.dropped) return;
-    if (problem) {
-      dropAttachment(image);
-      URL.revokeObjectURL(image.url);
-      toast(problem);
-      return;
-    }
-    image.el.classList.remove("is-uploading");
-    updateComposer();
-  }
-
-  attachButton.addEventListener("click", () => fileInput.click());
-  fileInput.addEventListener("change", () => {
-    addFiles(fileInput.files);
-    fileInput.value = "";
-    textarea.focus();
-  });
-  textarea.addEventListener("paste", (event) => {
-    const files = Array.from(event.clipboardData?.files || []).filter((file) =>
-      file.type.startsWith("image/"),
-    );
-    if (!files.length) return;
-    event.preventDefault();
-    addFiles(files);
-  });
-
-  let dragDepth = 0;
-  const carriesFiles = (event) => Array.from(event.dataTransfer?.types || []).includes("Files");
-  main.addEventListener("dragenter", (event) => {
-    if (!carriesFiles(event)) return;
-    event.preventDefault();
-    dragDepth += 1;
-    dropZone.hidden = false;
-  });
-  main.addEventListener("dragover", (event) => {
-    if (!carriesFiles(event)) return;
-    event.preventDefault();
-    event.dataTransfer.dropEffect = "copy";
-  });
-  main.addEventListener("dragleave", (event) => {
-    if (!carriesFiles(event)) return;
-    dragDepth = Math.max(0, dragDepth - 1);
-    if (!dragDepth) dropZone.hidden = true;
-  });
-  main.addEventListener("drop", (event) => {
-    if (!carriesFiles(event)) return;
-    event.preventDefault();
-    dragDepth = 0;
-    dropZone.hidden = true;
-    addFiles(event.dataTransfer.files);
-    textarea.focus();
-  });
 
   // -- decisions on tool calls and questions, sent over the socket
 
