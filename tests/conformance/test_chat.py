@@ -12,7 +12,6 @@ follows real Letta, and the comment at the assertion says what differs.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -24,6 +23,7 @@ from chatui.asgi import application
 from chatui.letta.client import LettaClient
 from chatui.models import Conversation, Message, Turn
 from chatui.testbed.llm import SLOW_TAIL, THOUGHT, USAGE
+from tests import helpers
 from tests.helpers import joined, send, turn_ended, wait_for_runner
 
 pytestmark = [pytest.mark.conformance, pytest.mark.django_db(transaction=True)]
@@ -47,16 +47,8 @@ async def connect(conversation: Conversation, cookie: bytes) -> WebsocketCommuni
 
 
 async def receive_until(communicator, predicate, timeout: float = TURN_TIMEOUT) -> list[dict]:
-    """Frames up to and including the first that matches."""
-    frames: list[dict] = []
-    deadline = time.monotonic() + timeout
-    while True:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no matching frame; got {[f['type'] for f in frames]}"
-        frame = json.loads(await communicator.receive_from(timeout=remaining))
-        frames.append(frame)
-        if predicate(frame):
-            return frames
+    """helpers.receive_until, waiting as long as a real Letta's turn may take."""
+    return await helpers.receive_until(communicator, predicate, timeout)
 
 
 async def chat_turn(communicator, conversation: Conversation, text: str, otid: str) -> list[dict]:
