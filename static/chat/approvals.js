@@ -1,7 +1,7 @@
 /* The approval console and the navigation's pending count, kept live over
  * ws/approvals/ (see "The websocket protocol" in README.md). */
 
-import { RECONNECT_DELAYS, attr, csrfToken, element, localTimes, parseHTML, postForJson, socketUrl } from "./dom.js";
+import { RECONNECT_DELAYS, attr, csrfToken, element, localTimes, parseHTML, parsedFrame, postForJson, socketUrl } from "./dom.js";
 import { attention } from "./page.js";
 
 export function ApprovalsFeed() {
@@ -119,12 +119,8 @@ export function ApprovalsFeed() {
       attempt = 0;
     });
     ws.addEventListener("message", (event) => {
-      let frame;
-      try {
-        frame = JSON.parse(event.data);
-      } catch {
-        return;
-      }
+      const frame = parsedFrame(event);
+      if (frame === undefined) return;
       if (frame.type === "approval.count") setCount(frame.pending);
       else if (frame.type === "approval.added") added(frame);
       else if (frame.type === "approval.decided") decided(frame);

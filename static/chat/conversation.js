@@ -2,8 +2,8 @@
  * the streaming text (markdown-it and DOMPurify; tool arguments as plain text), the
  * composer with its images, decisions on tool calls, feedback and Stop/Retry. */
 
-import { RECONNECT_DELAYS, attr, decorateCode, element, localTimes, parseHTML, postForJson, socketUrl } from "./dom.js";
-import { CLOSE_ICON, attention } from "./page.js";
+import { RECONNECT_DELAYS, attr, decorateCode, element, localTimes, parseHTML, parsedFrame, postForJson, socketUrl } from "./dom.js";
+import { attention, dismissButton } from "./page.js";
 import { Attachments } from "./attachments.js";
 
 const ACTIVE = new Set(["queued", "running"]);
@@ -609,13 +609,7 @@ export function Conversation(config) {
     const node = element("div", "toast");
     node.setAttribute("role", "alert");
     if (cause) node.dataset.cause = cause;
-    node.append(element("p", "", message));
-    const close = element("button", "icon-button");
-    close.type = "button";
-    close.setAttribute("aria-label", "Dismiss");
-    close.innerHTML = CLOSE_ICON;
-    close.addEventListener("click", () => node.remove());
-    node.append(close);
+    node.append(element("p", "", message), dismissButton(node));
     toasts.append(node);
     while (toasts.children.length > 3) toasts.firstElementChild.remove();
     window.setTimeout(() => node.remove(), 8000);
@@ -743,13 +737,8 @@ export function Conversation(config) {
       ws.send(JSON.stringify({ type: "sync", after: lastId() }));
     });
     ws.addEventListener("message", (event) => {
-      let frame;
-      try {
-        frame = JSON.parse(event.data);
-      } catch {
-        return;
-      }
-      handle(frame);
+      const frame = parsedFrame(event);
+      if (frame !== undefined) handle(frame);
     });
     ws.addEventListener("close", (event) => {
       if (socket !== ws) return;

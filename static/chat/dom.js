@@ -143,3 +143,13 @@ export function localTimes(root) {
     node.title = node.title || when.toLocaleString();
   });
 }
+
+// A socket message's JSON, or undefined when it is not JSON (ignored, as the server
+// never sends such a frame).
+export function parsedFrame(event) {
+  try {
+    return JSON.parse(event.data);
+  } catch {
+    return undefined;
+  }
+}

@@ -100,12 +100,17 @@ export function setupNotifyButton() {
 // an error stays until dismissed.
 export function setupFlash() {
   document.querySelectorAll(".flash p").forEach((note) => {
-    const close = element("button", "icon-button flash-close");
-    close.type = "button";
-    close.setAttribute("aria-label", "Dismiss");
-    close.innerHTML = CLOSE_ICON;
-    close.addEventListener("click", () => note.remove());
-    note.append(close);
+    note.append(dismissButton(note, "icon-button flash-close"));
     if (!note.classList.contains("flash-error")) window.setTimeout(() => note.remove(), 5000);
   });
+}
+
+// A button that takes `note` (a flash message, a toast) off the page.
+export function dismissButton(note, className = "icon-button") {
+  const close = element("button", className);
+  close.type = "button";
+  close.setAttribute("aria-label", "Dismiss");
+  close.innerHTML = CLOSE_ICON;
+  close.addEventListener("click", () => note.remove());
+  return close;
 }
