@@ -131,7 +131,7 @@ def test_the_quick_bench_measures_two_workers_sharing_redis(tmp_path):
 def test_the_quick_bench_runs_on_postgres_in_a_database_of_its_own(tmp_path):
     import psycopg
 
-    from tests.test_scale_out import POSTGRES_URL
+    from tests.helpers import POSTGRES_URL
 
     table = rows(output := bench(tmp_path / "data", "--postgres", POSTGRES_URL))
     [machine] = [line for line in output.splitlines() if line.startswith("Machine:")]

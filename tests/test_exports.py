@@ -11,7 +11,7 @@ from django.urls import reverse
 
 from chatui import exports
 from chatui.models import Conversation, Feedback, Message, Turn
-from tests.test_admin import SAGE_ID, sample_conversation
+from tests.helpers import SAGE_ID, sample_conversation
 
 pytestmark = pytest.mark.django_db
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatui.demo.agents import XSS_ANSWER, XSS_INLINE
+from chatui.demo.script import XSS_ANSWER, XSS_INLINE
 from chatui.rendering import may_have_links, parser, render_markdown, sanitise
 
 WITH_LINKS = [

@@ -17,7 +17,9 @@ from chatui.demo.agents import Echo
 from chatui.models import AgentLock, Conversation, Message, Turn, Worker
 from tests.helpers import (
     connect,
+    frames_until,
     joined,
+    new_conversation,
     receive_until,
     send,
     turn_ended,
@@ -282,29 +284,6 @@ def log_in(server) -> str:
             headers={"Referer": f"{server.url}/login/"},
         )
         return "; ".join(f"{name}={value}" for name, value in client.cookies.items())
-
-
-def new_conversation(server, cookie: str) -> int:
-    with httpx.Client(base_url=server.url, headers={"Cookie": cookie}) as client:
-        page = client.get("/new/")
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
-        response = client.post(
-            "/new/",
-            data={"target_id": ECHO, "csrfmiddlewaretoken": token},
-            headers={"Referer": f"{server.url}/new/"},
-        )
-        assert response.status_code == 302, (response.status_code, response.text[:3000])
-        return int(re.search(r"/conversations/(\d+)/", response.headers["location"]).group(1))
-
-
-async def frames_until(socket, predicate, timeout=30):
-    frames = []
-    async with asyncio.timeout(timeout):
-        while True:
-            frame = json.loads(await socket.recv())
-            frames.append(frame)
-            if predicate(frame):
-                return frames
 
 
 @pytest.mark.timeout(180)

@@ -26,14 +26,12 @@ from django.core.management.base import CommandError
 
 from chatui.demo.agents import Echo
 from chatui.management.commands.bench import throwaway_database
-from tests.helpers import joined, turn_ended
+from tests.helpers import POSTGRES_URL, frames_until, joined, new_conversation, turn_ended
 from tests.live_server import ChatuiServer
-from tests.test_resilience import frames_until, new_conversation
 
 pytestmark = [pytest.mark.scale_out, pytest.mark.timeout(120)]
 
 ECHO = Echo().id
-POSTGRES_URL = "postgres://postgres@127.0.0.1:5432"
 REDIS_URL = "redis://127.0.0.1:6379/7"  # a database of its own, flushed first
 PASSWORD = "correct horse battery"
 TOOL = '/tool restart_service {"service":"web","reason":"x"}'

@@ -14,7 +14,8 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import Client
 from django.urls import reverse
 
-from chatui.demo.agents import AGENTS, GROUPS, XSS_ANSWER, XSS_INLINE, Ada, Lin
+from chatui.demo.agents import AGENTS, GROUPS, Ada, Lin
+from chatui.demo.script import XSS_ANSWER, XSS_INLINE
 from chatui.letta.schemas import AssistantMessage
 from chatui.models import ApprovalRequest, Attachment, Conversation, Message, Turn
 

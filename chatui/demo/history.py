@@ -9,11 +9,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from chatui.demo.agents import (
-    DemoAgent,
-    ToolCall,
-    Turn,
-)
+from chatui.demo.agents import DemoAgent
+from chatui.demo.script import ToolCall, Turn
 from chatui.demo.wire import USER_ID, letta_date, letta_message
 
 

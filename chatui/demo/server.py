@@ -19,7 +19,8 @@ Control routes for tests live outside /v1, under /_demo (see `faults` for modes)
 ``POST /_demo/faults``, ``POST /_demo/reset``, ``GET /_demo/requests``,
 ``GET|POST /_demo/config``.
 
-Its parts: `wire` (shapes and request models), `runs` (event logs and the streams that
+Its parts: `script` (directives and plans), `agents` (the personas), `wire` (shapes
+and request models), `runs` (event logs and the streams that
 follow them), `history` (conversations), `turns` (playing an agent's plan into a run),
 `state` (the upstream's state) and, here, the routes.
 """

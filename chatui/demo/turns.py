@@ -12,18 +12,10 @@ import random
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Literal
 
-from chatui.demo.agents import (
-    DemoAgent,
-    GroupSpec,
-    Outcome,
-    Plan,
-    ToolCall,
-    Turn,
-    run_tool,
-    tokens_of,
-)
+from chatui.demo.agents import DemoAgent, GroupSpec
 from chatui.demo.history import MEMORY_TOOLS, Conversation, Pending, Row
 from chatui.demo.runs import Run
+from chatui.demo.script import Outcome, Plan, ToolCall, Turn, run_tool, tokens_of
 from chatui.demo.wire import (
     CANCELLED,
     CONFLICT,

@@ -21,13 +21,10 @@ from pydantic import (
     model_validator,
 )
 
-from chatui.demo.agents import (
-    Image,
-    ToolCall,
-)
 from chatui.demo.faults import (
     compact,
 )
+from chatui.demo.script import Image, ToolCall
 
 ID_PATTERN = "-[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
 CANCELLED = 'data: {"message_type": "stop_reason", "stop_reason": "cancelled"}\n\n'
