@@ -34,6 +34,7 @@ from chatui.letta.schemas import (
     MessageCreate,
     ToolReturn,
     ToolReturnCreate,
+    message_kind,
     text_of,
     tool_calls_of,
 )
@@ -729,7 +730,8 @@ class Message(models.Model):
 
     @classmethod
     def kind_for(cls, message_type: str | None) -> str:
-        return KIND_BY_MESSAGE_TYPE.get(message_type or "", cls.Kind.OTHER)
+        kind = message_kind(message_type)
+        return kind if kind in cls.Kind.values else cls.Kind.OTHER
 
     @classmethod
     def key_for(cls, message_type: str | None, letta_id: str | None) -> str:
@@ -1452,21 +1454,5 @@ class AgentLock(models.Model):
         cls.objects.filter(turn=turn).delete()
 
 
-KIND_BY_MESSAGE_TYPE = {
-    "system_message": Message.Kind.SYSTEM,
-    "user_message": Message.Kind.USER,
-    "assistant_message": Message.Kind.ASSISTANT,
-    "reasoning_message": Message.Kind.REASONING,
-    "hidden_reasoning_message": Message.Kind.HIDDEN_REASONING,
-    "tool_call_message": Message.Kind.TOOL_CALL,
-    "tool_return_message": Message.Kind.TOOL_RETURN,
-    "approval_request_message": Message.Kind.APPROVAL_REQUEST,
-    "approval_response_message": Message.Kind.APPROVAL_RESPONSE,
-    "error_message": Message.Kind.ERROR,
-    "summary": Message.Kind.SUMMARY,
-    "summary_message": Message.Kind.SUMMARY,
-    "event": Message.Kind.EVENT,
-    "event_message": Message.Kind.EVENT,
-}
 TOOL_KINDS = {Message.Kind.TOOL_CALL, Message.Kind.APPROVAL_REQUEST}
 MARKDOWN_KINDS = {Message.Kind.ASSISTANT, Message.Kind.REASONING}

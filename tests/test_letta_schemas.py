@@ -47,6 +47,7 @@ from chatui.letta.schemas import (
     UsageStatistics,
     UserMessage,
     expected_tool_calls,
+    message_kind,
     parse_event,
     parse_message,
     validate_agent_id,
@@ -120,6 +121,24 @@ def test_every_event_of_every_stream_capture_parses_to_a_known_type(name, letta_
         assert not isinstance(event, UnknownMessage), event
         if isinstance(event, StopReason):
             assert event.stop_reason in STOP_REASONS
+
+
+@pytest.mark.parametrize("name", STREAMS)
+def test_every_message_a_capture_streams_is_filed_under_a_kind_of_its_own(name, letta_captures):
+    from chatui.models import Message
+
+    for event in events_of(letta_captures[name]):
+        kind = message_kind(event.message_type)
+        if event.message_type in ("ping", "stop_reason", "usage_statistics"):
+            assert kind == "other"
+        else:
+            assert kind in Message.Kind.values and kind != "other", event.message_type
+
+
+def test_old_and_new_names_of_summaries_and_events_are_one_kind():
+    assert message_kind("summary") == message_kind("summary_message") == "summary"
+    assert message_kind("event") == message_kind("event_message") == "event"
+    assert message_kind("reticulating_splines") == message_kind(None) == "other"
 
 
 @pytest.mark.parametrize("name", SUMMARISED)
