@@ -9,7 +9,6 @@ one).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import uuid
@@ -20,14 +19,14 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 from pydantic import ValidationError
 
-from chatui import approvals, layers, turns, workers
+from chatui import approvals, layers, turns
+from chatui.catchup import CatchUp
 from chatui.frames import (
     ApprovalFrame,
     DecideFrame,
     RetryFrame,
     SendFrame,
     StopFrame,
-    SyncedFrame,
     SyncFrame,
     error_frame,
     message_frame,
@@ -41,7 +40,6 @@ from chatui.models import (
     AttachmentMissing,
     Conversation,
     DecisionNotAllowed,
-    Message,
     Send,
     SendRateExceeded,
     TargetForbidden,
@@ -65,12 +63,7 @@ def readable(error: ValidationError) -> str:
 
 class ConversationConsumer(AsyncWebsocketConsumer):
     conversation: Conversation
-    snapshot_timeout: asyncio.TimerHandle | None = None
-    # Live frames that arrive while a sync is being answered wait here, so the page
-    # sees them after what it asked for, as it would through the channel layer.
-    held: list[str] | None = None
-    # The newest stored message the page has been sent during its latest sync.
-    synced_after = 0
+    catchup: CatchUp
 
     async def connect(self) -> None:
         """Accept only the conversation's owner; others get a close code that says why."""
@@ -88,14 +81,14 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             return
         conversation.owner = user  # what the filter matched: no query to load it again
         self.conversation = conversation
+        self.catchup = CatchUp(conversation, self.channel_name, self.send_text)
         # Frames of other processes come through the layer; this process's come directly.
         await self.channel_layer.group_add(conversation.group_name, self.channel_name)
         layers.watchers.add(conversation.group_name, self)
 
     async def disconnect(self, code: int) -> None:
-        if self.snapshot_timeout is not None:
-            self.snapshot_timeout.cancel()
         if hasattr(self, "conversation"):
+            self.catchup.cancel()
             layers.watchers.discard(self.conversation.group_name, self)
             await self.channel_layer.group_discard(self.conversation.group_name, self.channel_name)
 
@@ -231,63 +224,11 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             await turns.start_decided(turn)
 
     async def sync(self, frame: SyncFrame) -> None:
-        """Catch a (re)connecting page up: stored messages it lacks, then what is streaming.
-
-        Pages also sync when they notice they missed something (a delta beyond the
-        text they have, a running turn gone quiet): a turn that ended meanwhile is
-        sent in its final state, so no page is left waiting for an end it missed.
-        """
-        self.held = []
-        try:
-            frames, active, latest = await database_sync_to_async(self.catch_up)(frame.after)
-            self.synced_after = max([frame.after, *(message["id"] for message in frames)])
-            for message in frames:
-                await self.send_json(message_frame(message))
-            if active is None:
-                if latest is not None:
-                    await self.send_json(turn_frame(latest))
-                await self.send_json(SyncedFrame().data())
-                return
-            await self.send_json(turn_frame(active))
-            # A turn whose worker died is taken over here, then streams like any other.
-            here = turns.running.get(self.conversation.pk)
-            if here is None or here.turn.pk != active.pk:
-                await workers.take_over(self.conversation.pk)
-            # The running turn answers with a snapshot, then the page is in sync.
-            await turns.request_snapshot(self.conversation.pk, self.channel_name)
-            self.snapshot_timeout = asyncio.get_running_loop().call_later(
-                settings.SNAPSHOT_TIMEOUT, lambda: asyncio.ensure_future(self.snapshot_missing())
-            )
-        finally:
-            await self.release_held()
+        await self.catchup.sync(frame.after)
 
     async def conversation_snapshot(self, event: dict[str, Any]) -> None:
-        """What the running turn has streamed so far, for this socket's sync: first the
-        messages it stored that this sync did not send (they may have been stored after
-        the page's catch-up, before the turn knew this socket watched), then what is
-        still streaming."""
-        if self.snapshot_timeout is not None:
-            self.snapshot_timeout.cancel()
-            self.snapshot_timeout = None
-        for message in event.get("messages", ()):
-            if message["id"] > self.synced_after:
-                await self.send_json(message_frame(message))
-        await self.send_json(event["frame"])
-        await self.send_json(SyncedFrame().data())
-
-    async def snapshot_missing(self) -> None:
-        """No turn answered: it runs nowhere (a worker died), so say what is known."""
-        self.snapshot_timeout = None
-        await self.send_json(SyncedFrame().data())
-
-    def catch_up(self, after: int) -> tuple[list[dict[str, Any]], Turn | None, Turn | None]:
-        """Stored messages after `after`, the running turn, and the latest turn."""
-        messages = Message.objects.filter(conversation=self.conversation, pk__gt=after)
-        frames = [m.as_frame() for m in messages.select_related("turn")[:500]]
-        latest = self.conversation.turns.order_by("-pk").first()
-        if latest is not None and latest.status in Turn.ACTIVE:
-            return frames, latest, latest
-        return frames, self.conversation.active_turn(), latest
+        """The running turn's answer to this socket's sync (chatui.catchup)."""
+        await self.catchup.snapshot(event)
 
     # -- sending ------------------------------------------------------------------------
 
@@ -297,15 +238,7 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def relay(self, text: str) -> None:
         """A frame (encoded once for every socket) from this process's side of the
         conversation: a running turn, a decision, another tab's send."""
-        if self.held is not None:
-            self.held.append(text)
-        else:
-            await self.send(text_data=text)
-
-    async def release_held(self) -> None:
-        while self.held:
-            await self.send(text_data=self.held.pop(0))
-        self.held = None
+        await self.catchup.relay(text)
 
     async def conversation_frame(self, event: dict[str, Any]) -> None:
         """A frame from another process for everyone watching this conversation."""
@@ -313,6 +246,9 @@ class ConversationConsumer(AsyncWebsocketConsumer):
             return  # this process's sockets had it directly
         text = event.get("text")
         await self.send(text_data=text if text is not None else json.dumps(event["frame"]))
+
+    async def send_text(self, text: str) -> None:
+        await self.send(text_data=text)
 
     async def send_json(self, content: dict[str, Any]) -> None:
         await self.send(text_data=json.dumps(content))

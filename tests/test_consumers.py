@@ -236,43 +236,6 @@ async def test_closing_the_tab_does_not_stop_the_turn(chat, user_cookie):
     assert len(assistant.text.split()) == 60
 
 
-async def test_reconnecting_mid_stream_shows_everything_then_the_rest(chat, user_cookie, demo):
-    demo.config(token_delay=0.02)
-    first, _, _ = await connect(chat, cookie=user_cookie)
-    await send(first, "/tokens 80")
-    seen = await receive_until(first, lambda f: f["type"] == "delta")
-    await receive_until(first, lambda f: f["type"] == "delta")
-    await first.disconnect()
-    user_message_id = next(f["message"]["id"] for f in seen if f["type"] == "message")
-
-    second, _, _ = await connect(chat, cookie=user_cookie)
-    await second.send_json_to({"type": "sync", "after": user_message_id})
-    frames = await receive_until(second, turn_ended)
-    types = [f["type"] for f in frames]
-    assert "snapshot" in types
-    assert types.index("snapshot") < types.index("synced")
-    await wait_for_runner(chat)
-    assistant = await database_sync_to_async(Message.objects.get)(
-        conversation=chat, kind="assistant"
-    )
-    assert joined(frames)[assistant.key] == assistant.text
-    delivered = [f["message"]["id"] for f in frames if f["type"] == "message"]
-    assert delivered.count(assistant.pk) == 1
-    await second.disconnect()
-
-
-async def test_sync_replays_stored_messages_after_an_id(chat, user_cookie):
-    communicator, _, _ = await connect(chat, cookie=user_cookie)
-    await send(communicator, "/tokens 3")
-    await receive_until(communicator, turn_ended)
-    await wait_for_runner(chat)
-    await communicator.send_json_to({"type": "sync", "after": 0})
-    frames = await receive_until(communicator, lambda f: f["type"] == "synced")
-    kinds = [f["message"]["kind"] for f in frames if f["type"] == "message"]
-    assert kinds == ["user", "assistant"]
-    await communicator.disconnect()
-
-
 # -- errors and retry ---------------------------------------------------------------------------
 
 
