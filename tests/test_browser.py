@@ -255,6 +255,8 @@ def open_chat(chromium, chatui_server, signed_in_state, demo):
     for context in contexts:
         context.close()
     assert [line for chat in chats for line in chat.csp_violations] == []
+    # No test expects the page's script to throw: an uncaught error is a broken page.
+    assert [error for chat in chats for error in chat.errors] == []
 
 
 @pytest.fixture
