@@ -39,7 +39,6 @@ from chatui.frames import (
     message_frame,
     turn_frame,
 )
-from chatui.letta import servers
 from chatui.letta.assembly import Assembler, Completed, Delta, Failed, Stopped, Usage
 from chatui.letta.client import (
     LettaClient,
@@ -247,6 +246,8 @@ class Upstream:
     background: bool = False
     client: LettaClient | None = None
     prepared: StreamRequest | None = None  # the request, built with the lock
+    # A decision turn's decisions in the legacy form, for a server that takes only that.
+    legacy_item: dict[str, Any] | None = None
     sent: bool = False  # the request went upstream
     # The stream broke in a way a background run can be re-attached after.
     broken: bool = False
@@ -361,20 +362,18 @@ class TurnRun:
         """The body to send: the turn's stored request item (with the images of its
         message), its options, and the client-side tools chatui offers."""
         item = self.turn.request
-        server = servers.at(settings.LETTA_BASE_URL)
-        if self.turn.kind == Turn.Kind.APPROVAL and not server.approvals_list:
-            item = self.turn.legacy_approval_request() or item
+        if self.turn.kind == Turn.Kind.APPROVAL:  # for a server that takes only that form
+            self.upstream.legacy_item = self.turn.legacy_approval_request()
         if self.turn.kind == Turn.Kind.MESSAGE:
             images = [attachment.as_content() for attachment in self.turn.images()]
             if images:
                 text = [{"type": "text", "text": item["content"]}] if item["content"] else []
                 item = {**item, "content": text + images}
-        background = server.wants_background(settings.LETTA_BACKGROUND)
         return StreamRequest(
             messages=[REQUEST_ITEM.validate_python(item)],
             stream_tokens=True,
             include_pings=True,
-            background=background or None,
+            background=settings.LETTA_BACKGROUND or None,
             client_tools=[approvals.ASK_USER] if settings.OFFER_ASK_USER else None,
             **self.turn.options,
         )
@@ -446,20 +445,12 @@ class TurnRun:
             await self.send_to_group(client)
             return
         request = self.upstream.prepared or await database_sync_to_async(self.request)()
-        if not await self.streams_tokens(client):
-            request = request.model_copy(update={"stream_tokens": False})
-        while True:  # each refusal that says what the server takes is answered once
-            self.upstream.sent, self.upstream.background = True, bool(request.background)
-            try:
-                await self.relay(client.stream_message(self.thread, request))
-                break
-            except LettaHTTPError as error:
-                retry = await database_sync_to_async(client.server.refused)(
-                    error, request, self.turn.legacy_approval_request
-                )
-                if retry is None:
-                    raise
-                request = retry
+        self.upstream.sent, self.upstream.background = True, bool(request.background)
+        stream = await client.send(self.thread, request, legacy_item=self.upstream.legacy_item)
+        assert stream.request is not None  # what was sent in the end
+        request = stream.request
+        self.upstream.background = bool(request.background)
+        await self.relay(stream)
         if self.repairs.token_approval_crashed and request.stream_tokens:
             await self.resend_without_tokens(client, request)
             return
@@ -489,19 +480,6 @@ class TurnRun:
         await self.relay(client.stream_message(self.thread, request))
         await self.reattach(client)
 
-    async def streams_tokens(self, client: LettaClient) -> bool:
-        """Whether to stream this turn token by token: not where the server crashes
-        streaming approval requests, to an agent with a tool that requires approval."""
-        decided = client.server.streams_tokens_to(self.agent_id)
-        if decided is None:
-            agent = await client.get_agent(self.agent_id)
-            rules = agent.model_dump().get("tool_rules") or []
-            client.server.approval_agents[self.agent_id] = any(
-                isinstance(rule, dict) and rule.get("type") == "requires_approval" for rule in rules
-            )
-            decided = client.server.streams_tokens_to(self.agent_id)
-        return bool(decided)
-
     async def resend_without_tokens(self, client: LettaClient, request: StreamRequest) -> None:
         """Letta 0.11.7 crashes when it streams an approval request token by token; its
         agent never saw the crashed attempt. Forget what that attempt showed, ask again
@@ -521,18 +499,14 @@ class TurnRun:
 
     async def send_to_group(self, client: LettaClient) -> None:
         """Groups answer on their own endpoints: streamed where the server offers that
-        (Letta 0.11.7), else one JSON answer after all members spoke. Which one a
-        server has is learnt once, not tried on every send."""
+        (Letta 0.11.7), else one JSON answer after all members spoke, stored whole."""
         request = self.upstream.prepared or await database_sync_to_async(self.request)()
         request = request.model_copy(update={"background": None})
         self.upstream.sent = True
-        if client.server.group_stream:
-            try:
-                await self.relay(client.stream_group_message(self.agent_id, request))
-                return
-            except LettaHTTPError as error:
-                if not client.server.lacks_group_stream(error):
-                    raise
+        stream = await client.send_group(self.agent_id, request)
+        if stream is not None:
+            await self.relay(stream)
+            return
         self.fanout.put(turn_frame(self.turn, waiting=True))
         body = GroupRequest(**request.model_dump(include=set(GroupRequest.model_fields)))
         response = await client.send_group_message(self.agent_id, body)

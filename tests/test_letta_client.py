@@ -23,6 +23,7 @@ from chatui.letta.client import (
     LettaHTTPError,
     LettaProtocolError,
     LettaTimeout,
+    Thread,
 )
 from chatui.letta.schemas import (
     ApprovalCreate,
@@ -567,6 +568,99 @@ async def test_a_group_stream_on_0_16_8_is_a_405(upstream, letta):
     )
     with pytest.raises(LettaHTTPError, match="Method Not Allowed"):
         await collect(letta.stream_group_message(GROUP, HI))
+
+
+# --- sending as the server takes it ----------------------------------------------
+
+AGENT_STREAM = f"/v1/agents/{AGENT}/messages/stream"
+DONE = 'data: {"message_type": "stop_reason", "stop_reason": "end_turn"}\n\ndata: [DONE]\n\n'
+
+
+def in_turn(*handlers: Handler) -> Handler:
+    """Answer the first request with the first handler, the next with the next, ..."""
+    left = list(handlers)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await (left.pop(0) if len(left) > 1 else left[0])(request)
+
+    return handler
+
+
+def posted(upstream, path: str) -> list[dict]:
+    return [seen.body for seen in upstream.requests if seen.method == "POST" and seen.path == path]
+
+
+async def test_send_answers_a_refused_background_run_once_and_remembers(upstream, letta):
+    refusal = upstream.reply({"detail": "Background streaming requires Redis"}, status=503)
+    upstream.on("POST", AGENT_STREAM, in_turn(refusal, upstream.sse(DONE)))
+    request = HI.model_copy(update={"background": True})
+    stream = await letta.send(Thread(AGENT), request)
+    assert [type(event) for event in await collect(stream)] == [StopReason]
+    assert stream.request.background is None
+    assert [body.get("background") for body in posted(upstream, AGENT_STREAM)] == [True, None]
+    await collect(await letta.send(Thread(AGENT), request))  # learnt: asked directly
+    assert [body.get("background") for body in posted(upstream, AGENT_STREAM)][2:] == [None]
+
+
+async def test_send_falls_back_to_the_legacy_approval_form_only_when_it_has_one(upstream, letta):
+    refusal = upstream.reply({"detail": [{"msg": "Field required"}]}, status=422)
+    upstream.on("POST", AGENT_STREAM, in_turn(refusal, upstream.sse(DONE)))
+    decisions = StreamRequest(
+        messages=[
+            ApprovalCreate(
+                approvals=[ApprovalReturn(tool_call_id="call-1", approve=True)], otid="o-1"
+            )
+        ]
+    )
+    legacy = {"type": "approval", "approve": True, "approval_request_id": "message-1"}
+    with pytest.raises(LettaHTTPError):
+        await letta.send(Thread(AGENT), decisions)  # nothing to send instead: it stands
+    upstream.on("POST", AGENT_STREAM, in_turn(refusal, upstream.sse(DONE)))
+    stream = await letta.send(Thread(AGENT), decisions, legacy_item=legacy)
+    await collect(stream)
+    sent = posted(upstream, AGENT_STREAM)[-1]["messages"][0]
+    assert sent["approval_request_id"] == "message-1" and "approvals" not in sent
+    assert not letta.server.approvals_list
+
+
+async def test_send_asks_step_by_step_where_approval_streams_crashed(upstream, letta):
+    upstream.on("POST", AGENT_STREAM, upstream.sse(DONE))
+    agent = json.loads((CAPTURES / "letta-0.11.7" / "agent_create.json").read_text())
+    agent = {**agent, "id": AGENT, "tool_rules": [{"type": "requires_approval", "tool_name": "x"}]}
+    upstream.on("GET", f"/v1/agents/{AGENT}", upstream.reply(agent))
+    await collect(await letta.send(Thread(AGENT), HI))  # nothing crashed yet: tokens
+    letta.server.approval_stream_crashed("agent-00000000-0000-4000-8000-000000000009")
+    await collect(await letta.send(Thread(AGENT), HI))
+    await collect(await letta.send(Thread(AGENT), HI))
+    assert [body["stream_tokens"] for body in posted(upstream, AGENT_STREAM)] == [
+        True,
+        False,
+        False,
+    ]
+    # The agent's tools were read once, only once they mattered.
+    assert [seen.path for seen in upstream.requests if seen.method == "GET"] == [
+        f"/v1/agents/{AGENT}"
+    ]
+
+
+async def test_send_group_learns_once_that_a_server_has_no_group_stream(upstream, letta):
+    path = f"/v1/groups/{GROUP}/messages/stream"
+    upstream.on("POST", path, upstream.reply({"detail": "Method Not Allowed"}, status=405))
+    assert await letta.send_group(GROUP, HI) is None
+    assert await letta.send_group(GROUP, HI) is None
+    assert len(posted(upstream, path)) == 1
+
+
+async def test_send_group_streams_where_it_can_and_raises_other_refusals(upstream, letta):
+    path = f"/v1/groups/{GROUP}/messages/stream"
+    upstream.on("POST", path, upstream.capture("letta-0.11.7/sse_group_stream.txt"))
+    stream = await letta.send_group(GROUP, HI)
+    names = [e.name for e in await collect(stream) if isinstance(e, AssistantMessage)]
+    assert names == ["probe-b", "probe-c"]
+    upstream.on("POST", path, upstream.reply({"detail": "boom"}, status=500))
+    with pytest.raises(LettaHTTPError, match="boom"):
+        await letta.send_group(GROUP, HI)
+    assert letta.server.group_stream
 
 
 # --- JSON calls ---------------------------------------------------------------------

@@ -35,29 +35,38 @@ def decisions() -> StreamRequest:
 )
 def test_a_server_that_cannot_run_in_the_background_is_streamed_directly_from_then_on(refusal):
     server = servers.at(URL)
-    retry = server.refused(refusal, hello(), lambda: None)
+    retry = server.refused(refusal, hello(), None)
     assert retry is not None and retry.background is None
     assert retry.messages == hello().messages
-    assert not server.background and not server.wants_background(True)
+    assert not server.background and server.adapted(hello(), None).background is None
     assert servers.at(URL) is server  # remembered for the next send
 
 
 def test_a_422_for_the_approvals_list_is_answered_in_the_legacy_form_once_learnt():
     server = servers.at(URL)
     refusal = LettaHTTPError("messages.0.ApprovalCreate.approve: Field required", status=422)
-    retry = server.refused(refusal, decisions(), lambda: LEGACY)
+    retry = server.refused(refusal, decisions(), LEGACY)
     assert retry is not None
     assert retry.body()["messages"] == [LEGACY]
     assert not server.approvals_list
+    # Learnt: the next decisions go in the legacy form at once, when they fit in it.
+    assert server.adapted(decisions(), LEGACY).body()["messages"] == [LEGACY]
+    assert server.adapted(decisions(), None).body()["messages"] == decisions().body()["messages"]
+
+
+def test_a_server_not_known_to_refuse_anything_gets_the_request_as_it_is():
+    server = servers.at(URL)
+    assert server.adapted(hello(), None) == hello()
+    assert server.adapted(decisions(), LEGACY) == decisions()
 
 
 def test_refusals_that_say_nothing_about_what_the_server_takes_stand():
     server = servers.at(URL)
-    assert server.refused(LettaHTTPError("boom", status=500), hello(), lambda: None) is None
-    assert server.refused(LettaHTTPError("bad", status=422), hello(None), lambda: LEGACY) is None
+    assert server.refused(LettaHTTPError("boom", status=500), hello(), None) is None
+    assert server.refused(LettaHTTPError("bad", status=422), hello(None), LEGACY) is None
     # Several decisions cannot go in the legacy form: the refusal stands.
     refusal = LettaHTTPError("approve: Field required", status=422)
-    assert server.refused(refusal, decisions(), lambda: None) is None
+    assert server.refused(refusal, decisions(), None) is None
     assert server.background and server.approvals_list
 
 
@@ -75,8 +84,10 @@ def test_tokens_stop_only_for_agents_with_approval_tools_once_the_server_crashed
     server.approval_stream_crashed("agent-a")
     assert server.streams_tokens_to("agent-a") is False
     assert server.streams_tokens_to("agent-b") is None  # ask whether it has such tools
-    server.approval_agents["agent-b"] = False
+    server.learn_agent("agent-b", [{"type": "continue_loop", "tool_name": "x"}])
     assert server.streams_tokens_to("agent-b") is True
+    server.learn_agent("agent-c", [{"type": "requires_approval", "tool_name": "x"}])
+    assert server.streams_tokens_to("agent-c") is False
 
 
 def test_what_was_learnt_about_conversations_is_asked_again_after_a_while(monkeypatch):

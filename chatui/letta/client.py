@@ -163,12 +163,20 @@ class LettaStream:
     `done` is True once the server sent `[DONE]`; a stream that ended without it
     (what a cancelled run looks like) leaves it False. `run_id` is the first run
     id seen, `last_seq_id` the highest seq_id seen (only background runs have them).
+    `request` is what was sent, for a stream that sends one.
     """
 
-    def __init__(self, client: LettaClient, path: str, body: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        client: LettaClient,
+        path: str,
+        body: dict[str, Any],
+        request: StreamRequest | None = None,
+    ) -> None:
         self._client = client
         self._path = path
         self._body = body
+        self.request = request
         self._response: httpx.Response | None = None
         self._events: AsyncGenerator[LettaMessage, None] | None = None
         self._closed = False
@@ -177,6 +185,12 @@ class LettaStream:
         self.last_seq_id: int | None = None
 
     async def __aenter__(self) -> LettaStream:
+        await self._open()
+        return self
+
+    async def open(self) -> LettaStream:
+        """Send the request and read the answer's head: an HTTP refusal is raised here,
+        before any event. Entering the stream later does not send again."""
         await self._open()
         return self
 
@@ -440,7 +454,8 @@ class LettaClient:
     def stream_agent_message(self, agent_id: str, request: StreamRequest) -> LettaStream:
         """Send to an agent and stream its answer (POST /v1/agents/{id}/messages/stream)."""
         validate_agent_id(agent_id)
-        return LettaStream(self, f"/v1/agents/{agent_id}/messages/stream", request.body())
+        path = f"/v1/agents/{agent_id}/messages/stream"
+        return LettaStream(self, path, request.body(), request)
 
     def stream_message(self, thread: Thread, request: StreamRequest) -> LettaStream:
         """Send to a thread and stream the answer: a conversation's own route
@@ -448,7 +463,8 @@ class LettaClient:
         if not thread.conversation_id:
             return self.stream_agent_message(thread.agent_id, request)
         conversation_id = validate_conversation_id(thread.conversation_id)
-        return LettaStream(self, f"/v1/conversations/{conversation_id}/messages", request.body())
+        path = f"/v1/conversations/{conversation_id}/messages"
+        return LettaStream(self, path, request.body(), request)
 
     def resume(
         self, thread: Thread, run_id: str | None, starting_after: int | None = None
@@ -471,7 +487,62 @@ class LettaClient:
     def stream_group_message(self, group_id: str, request: StreamRequest) -> LettaStream:
         """Send to a group and stream every member's answer."""
         validate_group_id(group_id)
-        return LettaStream(self, f"/v1/groups/{group_id}/messages/stream", request.body())
+        path = f"/v1/groups/{group_id}/messages/stream"
+        return LettaStream(self, path, request.body(), request)
+
+    # --- sending as this server takes it ------------------------------------------
+
+    async def send(
+        self, thread: Thread, request: StreamRequest, *, legacy_item: dict[str, Any] | None = None
+    ) -> LettaStream:
+        """Send to a thread as this server takes it, and return the opened stream
+        (what was sent in the end is its `request`). What differs between servers is
+        learnt once (chatui.letta.servers):
+
+        - what it is known not to take is left out, or sent in the form it takes;
+        - tokens are not streamed to an agent with a tool that requires approval where
+          the server crashed streaming such a request token by token;
+        - a refusal that says what the server takes (no background runs; decisions only
+          in the legacy form, `legacy_item`) is answered with that, once per refusal.
+        Any other refusal is raised.
+        """
+        request = self.server.adapted(request, legacy_item)
+        if request.stream_tokens and not await self.streams_tokens_to(thread.agent_id):
+            request = request.model_copy(update={"stream_tokens": False})
+        while True:
+            stream = self.stream_message(thread, request)
+            try:
+                return await stream.open()
+            except LettaHTTPError as error:
+                retry = self.server.refused(error, request, legacy_item)
+                if retry is None:
+                    raise
+                request = retry
+
+    async def streams_tokens_to(self, agent_id: str) -> bool:
+        """Whether to stream tokens to this agent here (its tool rules are read once,
+        only where the server cannot stream every agent's approval requests)."""
+        decided = self.server.streams_tokens_to(agent_id)
+        if decided is None:
+            agent = await self.get_agent(agent_id)
+            self.server.learn_agent(agent_id, agent.model_dump().get("tool_rules") or [])
+            decided = self.server.streams_tokens_to(agent_id)
+        return bool(decided)
+
+    async def send_group(self, group_id: str, request: StreamRequest) -> LettaStream | None:
+        """Send to a group and return its opened stream where this server streams a
+        group's answer (Letta 0.11.7); None where it gives the answer only whole, after
+        every member spoke (then ask with `send_group_message`). Which one a server
+        has is learnt from the first refusal, not tried on every send."""
+        if not self.server.group_stream:
+            return None
+        stream = self.stream_group_message(group_id, request)
+        try:
+            return await stream.open()
+        except LettaHTTPError as error:
+            if not self.server.lacks_group_stream(error):
+                raise
+            return None
 
     # --- JSON calls ------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -54,18 +53,23 @@ class Server:
     # Whether it has the conversations API, and when that was learnt (monotonic).
     conversations: tuple[bool, float] | None = None
 
-    def wants_background(self, asked: bool) -> bool:
-        return asked and self.background
+    def adapted(self, request: StreamRequest, legacy_item: dict[str, Any] | None) -> StreamRequest:
+        """The request as this server is known to take it: without background where it
+        cannot run one, with decisions in the legacy form where it takes only that."""
+        if request.background and not self.background:
+            request = request.model_copy(update={"background": None})
+        decisions = getattr(request.messages[0], "approvals", None)
+        if decisions and not self.approvals_list and legacy_item is not None:
+            messages = [REQUEST_ITEM.validate_python(legacy_item)]
+            request = request.model_copy(update={"messages": messages})
+        return request
 
     def refused(
-        self,
-        error: LettaHTTPError,
-        request: StreamRequest,
-        legacy_item: Callable[[], dict[str, Any] | None],
+        self, error: LettaHTTPError, request: StreamRequest, legacy_item: dict[str, Any] | None
     ) -> StreamRequest | None:
         """The request to send instead of one this server refused, when the refusal
         says what it takes (and remember that for later sends); None when it does not.
-        `legacy_item`: the turn's decisions in the legacy approval form, if it has any.
+        `legacy_item`: the request's decisions in the legacy approval form, if it has any.
         """
         if request.background and (error.status == 503 or "ackground" in error.detail):
             self.background = False
@@ -74,12 +78,11 @@ class Server:
         sent = request.messages[0]
         if error.status != 422 or not getattr(sent, "approvals", None):
             return None
-        legacy = legacy_item()
-        if legacy is None:
+        if legacy_item is None:
             return None
         self.approvals_list = False
         log.info("%s takes only legacy approvals; using that form", self.url)
-        return request.model_copy(update={"messages": [REQUEST_ITEM.validate_python(legacy)]})
+        return request.model_copy(update={"messages": [REQUEST_ITEM.validate_python(legacy_item)]})
 
     def lacks_group_stream(self, error: LettaHTTPError) -> bool:
         """Whether a refused group stream means the route does not exist here (learnt)."""
@@ -95,6 +98,13 @@ class Server:
         if self.token_approvals:
             return True
         return None if agent_id not in self.approval_agents else not self.approval_agents[agent_id]
+
+    def learn_agent(self, agent_id: str, tool_rules: list[Any]) -> None:
+        """Whether the agent has a tool that requires approval, from its tool rules."""
+        self.approval_agents[agent_id] = any(
+            isinstance(rule, dict) and rule.get("type") == "requires_approval"
+            for rule in tool_rules
+        )
 
     def approval_stream_crashed(self, agent_id: str) -> None:
         """The server crashed streaming this agent's approval request token by token."""
