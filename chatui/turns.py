@@ -850,19 +850,19 @@ class TurnRun:
             if self.stream_task is not None:
                 self.stream_task.cancel()
             return
-        # Groups have no cancel route: cancel what each member is running.
-        if self.conversation.target_kind == TargetKind.GROUP:
-            targets: list[tuple[Thread, list[str] | None]] = [
-                (Thread(member["id"]), None) for member in self.conversation.members
-            ]
-        else:
-            targets = [(self.thread, [self.upstream.run_id] if self.upstream.run_id else None)]
         async with LettaClient.from_settings() as client:
-            for thread, run_ids in targets:
+            if self.conversation.target_kind == TargetKind.GROUP:
+                members = [member["id"] for member in self.conversation.members]
+                failures = await client.cancel_group(members)
+            else:
+                run_ids = [self.upstream.run_id] if self.upstream.run_id else None
                 try:
-                    await client.cancel(thread, run_ids)
+                    await client.cancel(self.thread, run_ids)
+                    failures = {}
                 except LettaError as error:
-                    log.warning("cancel for turn %s failed at %s: %s", self.turn.pk, thread, error)
+                    failures = {str(self.thread): error}
+            for where, failure in failures.items():
+                log.warning("cancel for turn %s failed at %s: %s", self.turn.pk, where, failure)
         if self.stream_task is not None and not self.stream_task.done():
             loop = asyncio.get_running_loop()
             loop.call_later(settings.STOP_GRACE_SECONDS, self.stream_task.cancel)

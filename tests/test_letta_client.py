@@ -804,6 +804,22 @@ async def test_cancel_posts_the_run_ids(upstream, letta):
     assert upstream.requests[1].body is None
 
 
+async def test_a_group_is_stopped_member_by_member_and_one_failure_stops_no_other(upstream, letta):
+    broken = "agent-11111111-2222-4333-8444-555555555555"
+    upstream.on("POST", f"/v1/agents/{broken}/messages/cancel", upstream.reply({}, status=500))
+    upstream.on(
+        "POST",
+        f"/v1/agents/{AGENT}/messages/cancel",
+        upstream.capture("letta-0.16.4/cancel_midstream.json"),
+    )
+    failures = await letta.cancel_group([broken, AGENT])
+    assert list(failures) == [broken] and failures[broken].status == 500
+    assert [seen.path for seen in upstream.requests] == [
+        f"/v1/agents/{broken}/messages/cancel",
+        f"/v1/agents/{AGENT}/messages/cancel",
+    ]
+
+
 def paged_history(messages: list[dict]) -> Handler:
     """Letta's message paging: the cursor and the limit count stored messages, and
     one stored message may come back as several (0.11.7: reasoning + answer)."""

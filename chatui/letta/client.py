@@ -617,6 +617,18 @@ class LettaClient:
             raise LettaProtocolError(f"cancel answered {type(data).__name__}, not an object")
         return data
 
+    async def cancel_group(self, member_ids: list[str]) -> dict[str, LettaError]:
+        """Stop a group's turn. Groups have no cancel route, so what each member runs is
+        cancelled; one member's failure does not keep the others running. Returns the
+        failures, by member id."""
+        failures: dict[str, LettaError] = {}
+        for member_id in member_ids:
+            try:
+                await self.cancel_runs(member_id)
+            except LettaError as error:
+                failures[member_id] = error
+        return failures
+
     # --- conversations -----------------------------------------------------------
 
     async def has_conversations(self, agent_id: str) -> bool | None:
