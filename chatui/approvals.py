@@ -61,7 +61,7 @@ async def decide(
     """Decide a request as `user` and tell everyone; the new turn, when this decision
     completed its set (the caller starts it). Raises what ApprovalRequest.decide raises:
     DecisionNotAllowed, AlreadyDecided, TurnActive."""
-    turn = await database_sync_to_async(request.decide)(
+    turn: Turn | None = await database_sync_to_async(request.decide)(
         user, decision, reason=reason, answer=answer
     )
     await publish(request)
@@ -88,7 +88,7 @@ async def announce(request_ids: list[int], action: str = "added") -> None:
 async def expire() -> list[Turn]:
     """Deny the requests that waited longer than APPROVAL_EXPIRE_AFTER, tell everyone,
     and return the turns that carry those denials upstream (to be started)."""
-    turns = await database_sync_to_async(ApprovalRequest.expire_stale)()
+    turns: list[Turn] = await database_sync_to_async(ApprovalRequest.expire_stale)()
     for turn in turns:
         for request in await database_sync_to_async(list)(turn.decisions.order_by("pk")):
             await publish(request)

@@ -154,7 +154,8 @@ class RedisChannelLayer(redis_layer.RedisChannelLayer):
     def create_pool(self, index: int) -> aioredis.ConnectionPool:
         host = dict(self.hosts[index])
         if "address" not in host:
-            return super().create_pool(index)
+            pool: aioredis.ConnectionPool = super().create_pool(index)
+            return pool
         host.setdefault("max_connections", self.max_connections)
         host.setdefault("timeout", self.connection_wait)
         return aioredis.BlockingConnectionPool.from_url(host.pop("address"), **host)
@@ -163,7 +164,9 @@ class RedisChannelLayer(redis_layer.RedisChannelLayer):
         """Whether a channel belongs to this process (a socket or a turn of it)."""
         return f".{self.client_prefix}!" in channel
 
-    def _map_channel_keys_to_connection(self, channel_names: list[str], message: dict) -> Any:
+    def _map_channel_keys_to_connection(
+        self, channel_names: list[str], message: dict[str, Any]
+    ) -> Any:
         if message.get(ELSEWHERE):
             channel_names = [name for name in channel_names if not self.is_mine(name)]
         return super()._map_channel_keys_to_connection(channel_names, message)

@@ -100,7 +100,7 @@ def agent_group(agent_id: str) -> str:
 class Outbox:
     """Deltas waiting to be flushed, merged per message and field."""
 
-    deltas: dict[tuple, dict[str, Any]] = field(default_factory=dict)
+    deltas: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
     last_flush: float = 0.0
     scheduled: asyncio.TimerHandle | None = None
 
@@ -296,7 +296,7 @@ class TurnRun:
 
     # -- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> asyncio.Task:
+    def start(self) -> asyncio.Task[None]:
         running[self.conversation.pk] = self
         # A fresh context: the caller's may be a request's sync-adapted one (the console's
         # decide view), whose thread executor is gone once the request has answered.
@@ -459,7 +459,7 @@ class TurnRun:
             return
         await self.reattach(client)
 
-    async def resend_expected_decisions(self, client: LettaClient, request: StreamRequest):
+    async def resend_expected_decisions(self, client: LettaClient, request: StreamRequest) -> None:
         """The server refused the decisions because it waits for fewer calls than were
         decided (Letta 0.16.4 keeps only the first call of a parallel step): send exactly
         the decisions it expects, and say that the other calls were dropped, never run."""
@@ -700,7 +700,7 @@ class TurnRun:
 
     # -- events from the assembler ----------------------------------------------------
 
-    async def handle(self, updates: list) -> None:
+    async def handle(self, updates: list[Any]) -> None:
         for update in updates:
             if isinstance(update, Delta):
                 self.take_delta(update)
@@ -931,7 +931,7 @@ class TripQueue:
     ) -> None:
         self.work, self.unclaimed = work, unclaimed
         self.waiting: list[tuple[Any, asyncio.Future[Any]]] = []
-        self.trip: asyncio.Task | None = None
+        self.trip: asyncio.Task[None] | None = None
 
     async def submit(self, item: Any) -> Any:
         """Do one item (with whatever else is waiting); raise what its work raised."""
@@ -1026,7 +1026,8 @@ def trip_queue(kind: str) -> TripQueue:
 
 async def store_send(send: Send) -> Stored:
     """Store a person's message and its new turn, sharing a trip with other sends."""
-    return await trip_queue("sends").submit(send)
+    stored: Stored = await trip_queue("sends").submit(send)
+    return stored
 
 
 async def start_turn(turn: Turn, conversation: Conversation, run: TurnRun | None = None) -> TurnRun:

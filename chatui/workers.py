@@ -138,9 +138,9 @@ class WithUpkeep:
 
     def __init__(self, application: Any):
         self.application = application
-        self.task: asyncio.Task | None = None
+        self.task: asyncio.Task[None] | None = None
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> Any:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> Any:
         if settings.WORKER_UPKEEP and (self.task is None or self.task.done()):
             self.task = asyncio.get_running_loop().create_task(upkeep(), name="chatui-upkeep")
         return await self.application(scope, receive, send)
