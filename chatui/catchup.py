@@ -89,12 +89,14 @@ class CatchUp:
         self.snapshot_timeout = None
         await self.send_json(SyncedFrame().data())
 
-    async def relay(self, text: str) -> None:
-        """A live frame: sent now, or after the stored messages a sync is sending."""
-        if self.held is not None:
-            self.held.append(text)
-        else:
-            await self.send(text)
+    def hold(self, text: str) -> bool:
+        """Keep a live frame until the stored messages a sync is sending are sent; False
+        when no sync is sending (the caller sends it now). Plain, not awaited: it is on
+        the way of every frame to every socket."""
+        if self.held is None:
+            return False
+        self.held.append(text)
+        return True
 
     async def release(self) -> None:
         while self.held:

@@ -238,7 +238,8 @@ class ConversationConsumer(AsyncWebsocketConsumer):
     async def relay(self, text: str) -> None:
         """A frame (encoded once for every socket) from this process's side of the
         conversation: a running turn, a decision, another tab's send."""
-        await self.catchup.relay(text)
+        if not self.catchup.hold(text):
+            await self.send(text_data=text)
 
     async def conversation_frame(self, event: dict[str, Any]) -> None:
         """A frame from another process for everyone watching this conversation."""
