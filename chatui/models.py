@@ -731,7 +731,7 @@ class Message(models.Model):
     @classmethod
     def kind_for(cls, message_type: str | None) -> str:
         kind = message_kind(message_type)
-        return kind if kind in cls.Kind.values else cls.Kind.OTHER
+        return kind if kind in STORED_KINDS else cls.Kind.OTHER
 
     @classmethod
     def key_for(cls, message_type: str | None, letta_id: str | None) -> str:
@@ -1454,5 +1454,8 @@ class AgentLock(models.Model):
         cls.objects.filter(turn=turn).delete()
 
 
+# Message.Kind.values is worked out anew on every use; kind_for runs for every batch
+# of streamed tokens.
+STORED_KINDS = frozenset(Message.Kind.values)
 TOOL_KINDS = {Message.Kind.TOOL_CALL, Message.Kind.APPROVAL_REQUEST}
 MARKDOWN_KINDS = {Message.Kind.ASSISTANT, Message.Kind.REASONING}

@@ -521,16 +521,19 @@ _TAG_BY_TYPE = {tag: tag for tag in _CLASS_BY_TAG} | {
 _TAG_BY_CLASS: dict[type[BaseModel], str] = {cls: tag for tag, cls in _CLASS_BY_TAG.items()}
 # Events that say something about the stream, not a message of the conversation.
 _NOT_MESSAGES = frozenset({"ping", "stop_reason", "usage_statistics", "unknown"})
+# Looked up for every batch of streamed tokens: a table, made once.
+_KIND_BY_TYPE = {
+    name: tag.removesuffix("_message")
+    for name, tag in _TAG_BY_TYPE.items()
+    if tag not in _NOT_MESSAGES
+}
 
 
 def message_kind(message_type: str | None) -> str:
     """The short name a conversation's message is filed under: its type without
     ``_message`` (``summary`` and ``summary_message`` are one kind, as are ``event`` and
     ``event_message``), or ``other`` for a type chatui does not know."""
-    tag = _TAG_BY_TYPE.get(message_type or "")
-    if tag is None or tag in _NOT_MESSAGES:
-        return "other"
-    return tag.removesuffix("_message")
+    return _KIND_BY_TYPE.get(message_type or "", "other")
 
 
 def _message_tag(value: Any) -> str | None:
