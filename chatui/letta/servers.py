@@ -74,15 +74,16 @@ class Server:
         if request.background and (error.status == 503 or "ackground" in error.detail):
             self.background = False
             log.info("%s cannot run in the background; streaming directly", self.url)
-            return request.model_copy(update={"background": None})
-        sent = request.messages[0]
-        if error.status != 422 or not getattr(sent, "approvals", None):
+        elif (
+            error.status == 422
+            and legacy_item is not None
+            and getattr(request.messages[0], "approvals", None)
+        ):
+            self.approvals_list = False
+            log.info("%s takes only legacy approvals; using that form", self.url)
+        else:
             return None
-        if legacy_item is None:
-            return None
-        self.approvals_list = False
-        log.info("%s takes only legacy approvals; using that form", self.url)
-        return request.model_copy(update={"messages": [REQUEST_ITEM.validate_python(legacy_item)]})
+        return self.adapted(request, legacy_item)
 
     def lacks_group_stream(self, error: LettaHTTPError) -> bool:
         """Whether a refused group stream means the route does not exist here (learnt)."""
