@@ -5,7 +5,7 @@
  * the server refuses gives its text and images back. */
 
 import { Attachments } from "./attachments.js";
-import { element } from "./dom.js";
+import { composing, element } from "./dom.js";
 
 // Error codes answering a stop, retry or decision, never a send.
 const NOT_ABOUT_SENDING = new Set([
@@ -174,8 +174,7 @@ export function Composer({ config, socket, busy, stop, view, toast }) {
     update();
   });
   textarea.addEventListener("keydown", (event) => {
-    // keyCode 229: a key that an input method (IME) is still composing with.
-    if (event.isComposing || event.keyCode === 229) return;
+    if (composing(event)) return;
     if (event.key === "Enter" && !event.shiftKey && !event.altKey && !event.ctrlKey && !event.metaKey) {
       event.preventDefault();
       send();

@@ -4,7 +4,7 @@
  * replaced by the decision, on every page that shows it) or as an error, shown where
  * the person decided. The shared approval console is approvals.js. */
 
-import { attr, localTimes, parseHTML } from "./dom.js";
+import { attr, composing, localTimes, parseHTML } from "./dom.js";
 
 // Error codes that answer a decision sent from an approval form.
 const ABOUT_DECIDING = new Set(["not_found", "forbidden", "already_decided", "bad_frame", "turn_active"]);
@@ -145,7 +145,7 @@ export function Decisions({ transcript, transmit, toast }) {
     }
   });
   transcript.addEventListener("keydown", (event) => {
-    if (event.key !== "Enter" || event.isComposing || event.keyCode === 229) return;
+    if (event.key !== "Enter" || composing(event)) return;
     const field = event.target;
     const form = field.closest && field.closest("form[data-decide]");
     if (!form) return;

@@ -153,3 +153,9 @@ export function parsedFrame(event) {
     return undefined;
   }
 }
+
+// A key that an input method (IME) is still composing with (keyCode 229 where the
+// browser does not say isComposing): it is not the person pressing Enter yet.
+export function composing(event) {
+  return event.isComposing || event.keyCode === 229;
+}

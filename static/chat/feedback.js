@@ -1,7 +1,7 @@
 /* Feedback on the agent's answers: Helpful or Not helpful, and a comment, saved with
  * a form post (the form works without this script too). */
 
-import { postForJson } from "./dom.js";
+import { composing, postForJson } from "./dom.js";
 
 export function Feedback({ transcript, toast }) {
   async function give(form, rating) {
@@ -43,7 +43,7 @@ export function Feedback({ transcript, toast }) {
     if (rating) give(form, rating);
   });
   transcript.addEventListener("keydown", (event) => {
-    if (event.key !== "Enter" || event.isComposing || event.keyCode === 229) return;
+    if (event.key !== "Enter" || composing(event)) return;
     const field = event.target;
     const form = field.name === "comment" && field.closest && field.closest("form[data-feedback]");
     if (!form) return;
