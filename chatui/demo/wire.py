@@ -1,5 +1,9 @@
 """The demo's side of Letta's wire format: ids, dates, message shapes, and the
 request models, validated like Letta's FastAPI models so errors come out the same shape.
+
+These copy shapes that chatui.letta.schemas also has, on purpose: the demo stands in
+for the server, so a mistake in chatui's schemas must be refused here as Letta would
+refuse it, not agreed with.
 """
 
 from __future__ import annotations
